@@ -1,0 +1,324 @@
+"""Checkpoints: one ``.npz`` of plain arrays plus JSON metadata, written atomically, read without pickle.
+
+Layout of the file (an ordinary, uncompressed ``np.savez`` archive):
+
+- ``param/<name>``  each model parameter (e.g. ``param/enc1.conv1.W``), float32 or float64;
+- ``adam_m/<name>``, ``adam_v/<name>``  the optimizer's moment estimates, when it has any;
+- ``meta.json``  a uint8 array holding UTF-8 JSON::
+
+      {"format": "tinyunet-checkpoint", "format_version": 1,
+       "param_order": [names in forward order],
+       "optimizer": {"lr": ..., "beta_1": ..., "t": ..., "m": [names], "v": [names]} or null,
+       "meta": {the caller's metadata: config, epoch, best threshold, history, ...}}
+
+The metadata is written by Python's ``json``, which spells non-finite floats ``Infinity`` and
+``NaN`` (a history with a diverged loss, a callback's initial best) and reads them back.
+
+Writing goes to a temporary file in the same folder (``.<name>.<pid>.<random>.tmp``), is flushed and
+fsynced, then renamed onto the target with ``os.replace``: a process killed at any moment leaves
+either the old file or the new one, never a mix (a SIGKILL can leave the hidden temporary file
+behind; any other failure removes it). Reading always uses ``np.load(..., allow_pickle=False)``, after
+checking that the file starts like a zip archive: a file from elsewhere is data, never code. Every
+failure is a :class:`CheckpointError` whose message is one line saying what is wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import zipfile
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tinyunet.backend import as_numpy
+
+FORMAT = "tinyunet-checkpoint"
+FORMAT_VERSION = 1
+META_KEY = "meta.json"
+PARAM_PREFIX = "param/"
+MOMENT_PREFIXES = {"m": "adam_m/", "v": "adam_v/"}  # optimizer state key -> array name prefix
+
+# What np.load and reading a member raise on a damaged archive (zlib: a compressed member).
+_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+_OURS = "pass a checkpoint saved by train.py"  # the fix when a file is not ours
+_DAMAGED = "the file is damaged: use another checkpoint (an earlier copy) or train again"
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip archive (every .npz is one), an empty one
+_NPY_MAGIC = b"\x93NUMPY"  # a single array saved by np.save
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be written or read; the message says why and how to fix it."""
+
+
+@dataclass
+class Checkpoint:
+    """What :func:`load_checkpoint` returns."""
+
+    path: Path  # the file it was read from
+    params: dict[str, np.ndarray]  # name -> array, in the saved (forward) order
+    meta: dict[str, Any]  # the metadata given to save_checkpoint
+    optimizer_state: dict[str, Any] | None  # as Adam.state_dict() returned it, or None
+
+
+def _json_default(value: Any) -> Any:
+    """Let NumPy scalars (np.float32, np.int64, np.bool_) into the JSON as Python numbers."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+def _host_array(name: str, value: Any) -> np.ndarray:
+    """``value`` as a NumPy array; object arrays are refused (they would need pickle to load)."""
+    array = as_numpy(value)
+    if array.dtype.hasobject:
+        raise CheckpointError(f"cannot save {name!r}: it is an object array, which would need pickle to load")
+    return array
+
+
+def _collect(
+    params: Mapping[str, Any], meta: Mapping[str, Any], optimizer_state: Mapping[str, Any] | None
+) -> dict[str, np.ndarray]:
+    """All members of the archive, ``meta.json`` included, as NumPy arrays."""
+    arrays = {PARAM_PREFIX + name: _host_array(name, value) for name, value in params.items()}
+    optimizer_doc = None
+    if optimizer_state is not None:
+        optimizer_doc = {k: v for k, v in optimizer_state.items() if k not in MOMENT_PREFIXES}
+        for key, prefix in MOMENT_PREFIXES.items():
+            moments = optimizer_state.get(key, {})
+            optimizer_doc[key] = list(moments)
+            arrays.update({prefix + name: _host_array(f"{key}[{name}]", v) for name, v in moments.items()})
+    doc = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "param_order": list(params),
+        "optimizer": optimizer_doc,
+        "meta": dict(meta),
+    }
+    try:
+        text = json.dumps(doc, default=_json_default)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"cannot save the checkpoint metadata as JSON: {err}") from None
+    arrays[META_KEY] = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    return arrays
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable, where the platform allows opening a folder."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # Windows cannot open a folder; its rename is durable enough without
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a folder; the file itself is already synced
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    params: Mapping[str, Any],
+    meta: Mapping[str, Any],
+    optimizer_state: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``params`` (name -> NumPy/CuPy array, in order), ``meta`` and the optimizer state to ``path``.
+
+    ``meta`` must be JSON-able (NumPy scalars are accepted). ``optimizer_state`` is what
+    ``Adam.state_dict()`` returns: its ``m`` and ``v`` dicts become arrays, the rest JSON. The write
+    is atomic (see the module docstring); returns the path written.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"cannot write checkpoint {path}: it is a folder; give a file name such as best.npz")
+    arrays = _collect(params, meta, optimizer_state)
+    directory = path.parent
+    tmp = directory / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as err:
+        raise CheckpointError(
+            f"cannot write checkpoint {path}: folder {directory} is not a writable folder ({err.strerror}); "
+            "choose another output folder"
+        ) from None
+    done = False
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        done = True
+    except OSError as err:
+        raise CheckpointError(
+            f"cannot write checkpoint {path}: {err.strerror or err}; check free space and permissions there"
+        ) from None
+    finally:
+        if not done:  # also on KeyboardInterrupt: never leave a temporary file behind
+            tmp.unlink(missing_ok=True)
+    _fsync_directory(directory)
+    return path
+
+
+def _needs_pickle(npz: np.lib.npyio.NpzFile, key: str) -> bool:
+    """Whether member ``key`` is an object array (readable only by unpickling), from its header alone."""
+    try:
+        with npz.zip.open(key + ".npy") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                _, _, dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                _, _, dtype = np.lib.format.read_array_header_2_0(f)
+    except _READ_ERRORS + (KeyError,):
+        return False
+    return dtype.hasobject
+
+
+def _read_members(path: Path) -> dict[str, np.ndarray]:
+    """Every array of the ``.npz`` at ``path``, read with ``allow_pickle=False``."""
+
+    def corrupt(err: Exception, where: str = "") -> CheckpointError:
+        reason = " ".join(f"{where}{type(err).__name__}: {err}".split())  # one line, whatever numpy said
+        return CheckpointError(f"{path} is not a readable .npz checkpoint (truncated or corrupt: {reason}); {_DAMAGED}")
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_NPY_MAGIC))
+    except OSError as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror}; check its permissions") from None
+    if head.startswith(_NPY_MAGIC):
+        raise CheckpointError(f"{path} is a single .npy array, not a tinyunet checkpoint; {_OURS}")
+    if not head.startswith(_ZIP_MAGIC):  # np.load would take it for a pickle: stop here
+        raise CheckpointError(
+            f"{path} is not a .npz checkpoint (empty, truncated to a few bytes, or another kind of file); "
+            f"{_OURS}, or train again"
+        )
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except _READ_ERRORS as err:
+        raise corrupt(err) from None
+    members = {}
+    with loaded as npz:
+        for key in npz.files:
+            try:
+                value = npz[key]
+            except _READ_ERRORS as err:
+                if _needs_pickle(npz, key):
+                    raise CheckpointError(
+                        f"{path} holds an object array ({key!r}) that only pickle could load; refused, "
+                        f"because unpickling a file from elsewhere can run code; {_OURS}"
+                    ) from None
+                raise corrupt(err, f"member {key!r}: ") from None
+            if not isinstance(value, np.ndarray):  # a zip member that is not a .npy file
+                raise CheckpointError(f"{path} is not a tinyunet checkpoint ({key!r} is not an array); {_OURS}")
+            members[key] = value
+    return members
+
+
+def _parse_meta(path: Path, members: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """The JSON document of ``meta.json``, checked to be a tinyunet checkpoint this version can read."""
+    not_ours = f"{path} is a .npz file but not a tinyunet checkpoint"
+    if META_KEY not in members:
+        raise CheckpointError(f"{not_ours} (it has no {META_KEY}); {_OURS}")
+    raw = members[META_KEY]
+    try:
+        if raw.dtype != np.uint8 or raw.ndim != 1:
+            raise ValueError(f"a {raw.dtype} array of shape {raw.shape}, not bytes")
+        doc = json.loads(raw.tobytes().decode("utf-8"))
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{not_ours} (its {META_KEY} is not JSON: {err}); {_OURS}") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise CheckpointError(f'{not_ours} (its {META_KEY} lacks "format": "{FORMAT}"); {_OURS}')
+    version = doc.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{path} has an invalid format_version {version!r}; {_DAMAGED}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format_version {version}, newer than this tinyunet reads "
+            f"({FORMAT_VERSION}); upgrade tinyunet to load it"
+        )
+    for key, kind in (("param_order", list), ("meta", dict)):
+        if not isinstance(doc.get(key), kind):
+            raise CheckpointError(f"{path} has no valid {key!r} in its {META_KEY}; {_DAMAGED}")
+    return doc
+
+
+def _take(
+    path: Path, members: Mapping[str, np.ndarray], prefix: str, names: object, what: str
+) -> dict[str, np.ndarray]:
+    """``{name: members[prefix + name]}`` in the order of ``names``; every listed array must be there."""
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise CheckpointError(f"{path} has no valid list of {what} in its {META_KEY}; {_DAMAGED}")
+    missing = [name for name in names if prefix + name not in members]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise CheckpointError(f"{path} is incomplete: {what} {shown} listed in its {META_KEY} are missing; {_DAMAGED}")
+    return {name: members[prefix + name] for name in names}
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint`; any problem is a one-line CheckpointError."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path (a run folder holds best.npz)")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder; pass the .npz file inside it")
+    members = _read_members(path)
+    doc = _parse_meta(path, members)
+    params = _take(path, members, PARAM_PREFIX, doc["param_order"], "parameters")
+    optimizer_state = doc.get("optimizer")
+    if optimizer_state is not None:
+        if not isinstance(optimizer_state, dict):
+            raise CheckpointError(f"{path} has an invalid optimizer state in its {META_KEY}; {_DAMAGED}")
+        for key, prefix in MOMENT_PREFIXES.items():
+            optimizer_state[key] = _take(path, members, prefix, optimizer_state.get(key), f"optimizer {key} arrays")
+    return Checkpoint(path=path, params=params, meta=doc["meta"], optimizer_state=optimizer_state)
+
+
+def _describe(config: Mapping[str, Any], keys: list[str]) -> str:
+    return ", ".join(f"{key}={config.get(key, '?')}" for key in keys)
+
+
+def _first_difference(saved: list[tuple[str, tuple]], wanted: list[tuple[str, tuple]]) -> str:
+    """Where two ``(name, shape)`` lists part, in words."""
+    for i, ((s_name, s_shape), (w_name, w_shape)) in enumerate(zip(saved, wanted)):
+        if s_name == w_name and s_shape != w_shape:
+            return f"first difference: {s_name} is {s_shape} in the checkpoint, {w_shape} in the model"
+        if s_name != w_name:
+            return (
+                f"first difference: parameter {i} is {s_name} {s_shape} in the checkpoint, "
+                f"{w_name} {w_shape} in the model"
+            )
+    return f"the checkpoint has {len(saved)} parameters, the model {len(wanted)}"
+
+
+def check_compatible(
+    checkpoint: Checkpoint,
+    expected_shapes: Mapping[str, tuple[int, ...]],
+    model_config: Mapping[str, Any],
+) -> None:
+    """Raise CheckpointError unless the checkpoint has exactly the model's parameter names and shapes.
+
+    ``expected_shapes`` is the model's ``{name: shape}`` in forward order; ``model_config`` holds the
+    settings that decide them (e.g. ``{"features": 8, "depth": 4}``). The message names both
+    configurations (the checkpoint's from ``meta["config"]``, for the same keys) and the first
+    parameter that differs.
+    """
+    saved = [(name, tuple(a.shape)) for name, a in checkpoint.params.items()]
+    wanted = [(name, tuple(shape)) for name, shape in expected_shapes.items()]
+    if saved == wanted:
+        return
+    keys = list(model_config)
+    saved_config = checkpoint.meta.get("config")
+    saved_text = _describe(saved_config, keys) if isinstance(saved_config, Mapping) else "no recorded config"
+    raise CheckpointError(
+        f"checkpoint {checkpoint.path} does not fit this model: checkpoint has {saved_text}; this model has "
+        f"{_describe(model_config, keys)} ({_first_difference(saved, wanted)}); "
+        "build the model with the checkpoint's settings, or train a new one"
+    )
