@@ -1,0 +1,95 @@
+"""Time one training step (forward + BCE + backward + Adam) of the seed U-Net, beside PyTorch's.
+
+    python benchmarks/bench_train_step.py [--batch-size 8] [--size 128] [--repeats 10] [--gpu]
+
+Prints ms/step, images/s and GFLOP/s (FLOPs of every conv and up-conv, counted from the layers;
+backward counted as twice the forward), then PyTorch's eager step on the same device in NCHW and
+channels-last when PyTorch is importable, and the ratio tinyunet / PyTorch last.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from benchmarks.common import forward_flops, machine, median_ms, torch_or_none, torch_unet
+from tinyunet.backend import as_array
+from tinyunet.losses import binary_crossentropy
+from tinyunet.optim import Adam
+from tinyunet.unet import UNet
+
+
+def tinyunet_step(batch_size: int, size: int, repeats: int, gpu: bool) -> tuple[float, float]:
+    """Median ms per step and FLOPs per step of tinyunet."""
+    model = UNet(features=8, depth=4, gpu=gpu)
+    xp = model.xp
+    rng = np.random.default_rng(0)
+    x = as_array(rng.random((batch_size, size, size, 1), dtype=np.float32), xp)
+    y = as_array((rng.random((batch_size, size, size, 1)) > 0.5).astype(np.float32), xp)
+    opt = Adam(model.params, lr=1e-3)
+
+    def step():
+        loss, dlogits = binary_crossentropy(model.forward(x, train=True), y)
+        model.backward(dlogits)
+        opt.step(model.grads)
+
+    sync = xp.cuda.Device().synchronize if gpu else (lambda: None)
+    ms, _ = median_ms(step, repeats, sync=sync)
+    return ms, 3 * forward_flops(model)
+
+
+def torch_step(torch, batch_size: int, size: int, repeats: int, channels_last: bool,
+               device: str) -> float:
+    net = torch_unet(torch).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3, eps=1e-7)
+    x = torch.rand(batch_size, 1, size, size, device=device)
+    y = (torch.rand(batch_size, 1, size, size, device=device) > 0.5).float()
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn(net(x), y).backward()
+        opt.step()
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    return median_ms(step, repeats, sync=sync)[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--batch-size", type=int, default=8, help="images per step (default 8)")
+    parser.add_argument("--size", type=int, default=128, help="image height and width (default 128)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed steps; the median is shown")
+    parser.add_argument("--gpu", action="store_true", help="run on CuPy and PyTorch CUDA")
+    args = parser.parse_args()
+
+    print(f"machine: {machine()}")
+    print(f"U-Net features=8 depth=4, batch {args.batch_size}, {args.size}x{args.size}, float32, "
+          f"median of {args.repeats} steps")
+    ms, flops = tinyunet_step(args.batch_size, args.size, args.repeats, args.gpu)
+    per_image = flops / args.batch_size / 1e9
+    print(f"tinyunet  : {ms:8.1f} ms/step  {args.batch_size / ms * 1e3:7.1f} images/s  "
+          f"{flops / ms / 1e6:6.1f} GFLOP/s  ({per_image:.2f} GFLOP per image per step)")
+    torch = torch_or_none()
+    if torch is None:
+        print("PyTorch not importable: no comparison (pip install torch to compare)")
+        return
+    device = "cuda" if args.gpu else "cpu"
+    results = {}
+    for channels_last in (False, True):
+        name = "PyTorch channels-last" if channels_last else "PyTorch NCHW"
+        results[name] = torch_step(torch, args.batch_size, args.size, args.repeats, channels_last,
+                                   device)
+        print(f"{name:22s}: {results[name]:8.1f} ms/step  "
+              f"{args.batch_size / results[name] * 1e3:7.1f} images/s  (torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads)")
+    for name, torch_ms in results.items():
+        print(f"ratio tinyunet / {name}: {ms / torch_ms:.2f}")
+
+
+if __name__ == "__main__":
+    main()

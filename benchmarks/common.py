@@ -1,0 +1,95 @@
+"""What the benchmarks share: timing by medians, the step FLOP count, and PyTorch's twin U-Net.
+
+PyTorch is only a yardstick: it is imported when installed and never needed by tinyunet itself.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from tinyunet.layers import Conv2D, Conv2DTranspose
+from tinyunet.unet import UNet
+
+
+def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2,
+              sync: Callable[[], None] = lambda: None) -> tuple[float, list[float]]:
+    """Median wall time of ``fn`` in milliseconds over ``repeats`` runs, after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times), times
+
+
+def forward_flops(model: UNet) -> int:
+    """Multiply-adds x 2 of every conv and up-conv in the last forward (read from their caches)."""
+    total = 0
+    for _, layer in model.named_layers():
+        f = layer.params["b"].shape[0]
+        if isinstance(layer, Conv2D):
+            rows, k = layer.cols.shape  # (N*H*W, KH*KW*C)
+            total += 2 * rows * k * f
+        elif isinstance(layer, Conv2DTranspose):
+            rows, c = layer.x2d.shape  # (N*H*W, C)
+            total += 2 * rows * c * layer.k * layer.k * f
+    return total
+
+
+def machine() -> str:
+    import os
+
+    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, " \
+           f"NumPy {np.__version__}"
+
+
+def torch_or_none():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def torch_unet(torch, features: int = 8, depth: int = 4, dropout=(0.25, 0.3, 0.4, 0.5)):
+    """The same network in PyTorch (NCHW), layer for layer."""
+    nn = torch.nn
+
+    def double(c_in, c_out):
+        return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(),
+                             nn.Conv2d(c_out, c_out, 3, padding=1), nn.ReLU())
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            widths = [features * 2 ** i for i in range(depth + 1)]
+            self.enc = nn.ModuleList(double(a, b) for a, b in zip([1] + widths[:-2], widths))
+            self.drop_enc = nn.ModuleList(nn.Dropout(r) for r in dropout)
+            self.bridge = double(widths[-2], widths[-1])
+            self.up = nn.ModuleList(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2)
+                                    for i in reversed(range(depth)))
+            self.drop_dec = nn.ModuleList(nn.Dropout(dropout[i]) for i in reversed(range(depth)))
+            self.dec = nn.ModuleList(double(2 * widths[i], widths[i]) for i in reversed(range(depth)))
+            self.head = nn.Conv2d(features, 1, 1)
+
+        def forward(self, x):
+            skips = []
+            for conv, drop in zip(self.enc, self.drop_enc):
+                x = conv(x)
+                skips.append(x)
+                x = drop(nn.functional.max_pool2d(x, 2))
+            x = self.bridge(x)
+            for up, drop, conv, skip in zip(self.up, self.drop_dec, self.dec, reversed(skips)):
+                x = conv(drop(torch.cat([up(x), skip], 1)))
+            return self.head(x)
+
+    return Net()

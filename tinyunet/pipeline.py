@@ -1,0 +1,74 @@
+"""Between images and the network: fitting any image size to the U-Net and back.
+
+The U-Net needs H and W divisible by 2**depth; TGS images are 101 x 101. Two ways to fit them:
+
+* ``"resize"`` (the seed recipe): bilinear resize to ``input_size`` x ``input_size`` (128), and the
+  probabilities resized back to the original size for scoring and submission;
+* ``"pad"``: reflect-pad to the next multiple of 2**depth (101 -> 112 at depth 4) and crop back.
+
+Training, validation and prediction all go through :func:`to_network` / :func:`probabilities`, so
+the three can never disagree about the geometry.
+"""
+
+from __future__ import annotations
+
+from tinyunet.backend import as_array, as_numpy, get_array_module
+from tinyunet.data import crop, hflip, pad_to_multiple, resize
+from tinyunet.layers import sigmoid
+
+FITS = ("resize", "pad")
+
+
+def to_network(images, fit: str, input_size: int, depth: int):
+    """Images (N, H, W) -> network input (N, S, S', 1) and the box that undoes the fit.
+
+    Masks go through the same function, so image and target stay aligned (resized masks become
+    soft targets in [0, 1], as in the seed recipe).
+    """
+    if fit == "resize":
+        step = 2 ** depth
+        if input_size % step:
+            raise ValueError(f"input size {input_size} is not divisible by 2**depth = {step}: "
+                             f"use a multiple of {step}, such as {step * round(input_size / step)}")
+        out, box = resize(images, input_size), None
+    elif fit == "pad":
+        out, box = pad_to_multiple(images, 2 ** depth)
+    else:
+        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
+    return out[..., None], box  # (N, S, S', 1)
+
+
+def from_network(probs, fit: str, box, size: tuple[int, int]):
+    """Network output (N, S, S', 1) -> (N, H, W) at the original image size."""
+    probs = probs[..., 0]
+    return resize(probs, size) if fit == "resize" else crop(probs, box)
+
+
+def probabilities(model, images, fit: str, input_size: int, batch_size: int = 32,
+                  tta: bool = False, progress=None):
+    """Salt probabilities (N, H, W) for images (N, H, W) of any size, on the model's device.
+
+    Runs ``batch_size`` images at a time without dropout. With ``tta`` each image is also predicted
+    mirrored left-right and the two probability maps (the mirror flipped back) are averaged.
+    ``progress``, if given, is called with the number of images done after each batch.
+    """
+    xp = model.xp
+    depth = model.config["depth"]
+    n, h, w = images.shape
+    out = xp.empty((n, h, w), dtype=model.dtype)
+    for start in range(0, n, batch_size):
+        batch = as_array(images[start:start + batch_size], xp).astype(model.dtype, copy=False)
+        x, box = to_network(batch, fit, input_size, depth)
+        p = sigmoid(model.forward(x, train=False))
+        if tta:
+            p = (p + hflip(sigmoid(model.forward(hflip(x), train=False)))) / 2
+        out[start:start + batch_size] = from_network(p, fit, box, (h, w))
+        if progress is not None:
+            progress(len(batch))
+    return out
+
+
+def binarize(probs, threshold: float):
+    """Masks from probabilities: ``probs > threshold``, as NumPy bool (N, H, W)."""
+    xp = get_array_module(probs)
+    return as_numpy(probs > xp.float32(threshold))
