@@ -31,7 +31,7 @@ def tinyunet_step(batch_size: int, size: int, repeats: int, gpu: bool) -> tuple[
 
     def step():
         loss, dlogits = binary_crossentropy(model.forward(x, train=True), y)
-        model.backward(dlogits)
+        model.backward(dlogits, input_grad=False)  # as training does: no gradient for the images
         opt.step(model.grads)
 
     sync = xp.cuda.Device().synchronize if gpu else (lambda: None)

@@ -37,8 +37,9 @@ def forward_flops(model: UNet) -> int:
     for _, layer in model.named_layers():
         f = layer.params["b"].shape[0]
         if isinstance(layer, Conv2D):
-            rows, k = layer.cols.shape  # (N*H*W, KH*KW*C)
-            total += 2 * rows * k * f
+            n, _, _, h, w = layer.grid
+            kh, kw, c, _ = layer.params["W"].shape
+            total += 2 * n * h * w * kh * kw * c * f
         elif isinstance(layer, Conv2DTranspose):
             rows, c = layer.x2d.shape  # (N*H*W, C)
             total += 2 * rows * c * layer.k * layer.k * f

@@ -1,17 +1,23 @@
-"""The patch extraction and size helpers the convolution layers share.
+"""The geometry the convolution layers share: output sizes, padding, shifted rows and blocks.
 
 Notation (used in shape comments throughout tinyunet):
 
     N   images in the batch          H, W    input height and width
     C   input channels               OH, OW  output height and width
     F   output channels ("filters")  KH, KW  kernel height and width
+    Hp, Wp  height and width after zero padding
 
-A convolution is a matrix product once every output pixel's receptive field is laid out as a row:
+A KH x KW convolution is a sum of KH*KW 1x1 convolutions, one per kernel tap (i, j), each reading
+the input shifted by (i, j):
 
-    cols[n, oh, ow, (i, j, c)] = x_padded[n, oh + i, ow + j, c]          # im2col
-    out[n, oh, ow, f]          = sum_(i, j, c) cols[n, oh, ow, (i, j, c)] * W[i, j, c, f] + b[f]
+    out[n, y, x, :] = sum_(i, j) x_pad[n, y + i, x + j, :] @ W[i, j] + b          (C) @ (C, F)
 
-so ``out = cols @ W.reshape(KH*KW*C, F)``: one GEMM does the whole layer.
+Flatten the padded input to rows, ``(N*Hp*Wp, C)``: the pixel (n, y + i, x + j) is then row
+``(n*Hp + y)*Wp + x + i*Wp + j``, i.e. the pixel (n, y, x) moved by the constant offset ``i*Wp + j``.
+So each tap is one matrix product on a contiguous slice of rows, ``rows[off : off + L] @ W[i, j]``,
+with no im2col copy at all. Output rows whose window runs past the right or bottom border (or into
+the next image) hold garbage and are dropped; they are the ``Hp*Wp - OH*OW`` rows per image that
+:func:`valid` slices away.
 """
 
 from __future__ import annotations
@@ -35,30 +41,41 @@ def same_pads(kh: int, kw: int) -> tuple[int, int, int, int]:
     return (kh - 1) // 2, kh // 2, (kw - 1) // 2, kw // 2
 
 
-def flip_pads(pads: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
-    """The padding of the conv that computes a 'same' conv's input gradient: each side swapped."""
-    top, bottom, left, right = pads
-    return bottom, top, right, left
-
-
-def im2col(x, kh: int, kw: int, pads: tuple[int, int, int, int]):
-    """Stride-1 patches of ``x`` as rows: (N, H, W, C) -> (N*OH*OW, KH*KW*C).
-
-    Row ``(n, oh, ow)`` holds the KH x KW x C window whose top-left corner is at ``(oh, ow)`` of
-    the zero-padded input, in (i, j, c) order to match a ``(KH, KW, C, F)`` kernel reshaped to
-    ``(KH*KW*C, F)``.
-    """
+def padded_rows(x, pads: tuple[int, int, int, int]):
+    """Zero-pad (N, H, W, C) by ``pads`` and flatten to rows: (N*Hp*Wp, C), plus (Hp, Wp)."""
     xp = get_array_module(x)
-    n, h, w, c = x.shape
     top, bottom, left, right = pads
-    oh = conv_outsize(h, kh, pad=top + bottom)
-    ow = conv_outsize(w, kw, pad=left + right)
-    xpad = xp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))  # (N, H+pad, W+pad, C)
-    cols = xp.empty((n, oh, ow, kh, kw, c), dtype=x.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            cols[:, :, :, i, j, :] = xpad[:, i:i + oh, j:j + ow, :]
-    return cols.reshape(n * oh * ow, kh * kw * c)  # (N*OH*OW, KH*KW*C)
+    xpad = xp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))  # (N, Hp, Wp, C)
+    return xpad.reshape(-1, x.shape[3]), xpad.shape[1:3]
+
+
+def tap_offsets(kh: int, kw: int, wp: int) -> list[int]:
+    """Row offset ``i*Wp + j`` of every tap (i, j) of a KH x KW kernel, in (i, j) order."""
+    return [i * wp + j for i in range(kh) for j in range(kw)]
+
+
+def tap_groups(n_taps: int, c: int, min_width: int = 8) -> list[range]:
+    """Consecutive taps in groups wide enough for an efficient GEMM: ``g*C >= min_width`` inputs.
+
+    With C >= 8 every tap is its own group (its rows are a view, nothing is copied); the first
+    layer's C = 1 puts all 9 taps of a 3x3 kernel in one (L, 9) matrix, since a GEMM with a single
+    input column runs far below speed.
+    """
+    g = max(1, -(-min_width // c))  # ceil(min_width / C)
+    return [range(t, min(t + g, n_taps)) for t in range(0, n_taps, g)]
+
+
+def gather_taps(rows, offsets: list[int], length: int):
+    """(L, g*C): ``rows`` shifted by each offset, side by side; a view for a single offset."""
+    xp = get_array_module(rows)
+    if len(offsets) == 1:
+        return rows[offsets[0]:offsets[0] + length]
+    return xp.concatenate([rows[off:off + length] for off in offsets], axis=1)
+
+
+def valid(rows, n: int, hp: int, wp: int, oh: int, ow: int):
+    """The (N, OH, OW, F) outputs inside per-pixel rows (N*Hp*Wp, F), dropping the border rows."""
+    return rows.reshape(n, hp, wp, rows.shape[1])[:, :oh, :ow, :]
 
 
 def space_to_blocks(x, k: int):

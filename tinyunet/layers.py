@@ -16,7 +16,8 @@ from __future__ import annotations
 import numpy as np
 
 from tinyunet.backend import as_array, get_array_module, make_rng
-from tinyunet.conv import blocks_to_space, conv_outsize, flip_pads, im2col, same_pads, space_to_blocks
+from tinyunet.conv import (blocks_to_space, conv_outsize, gather_taps, padded_rows, same_pads,
+                           space_to_blocks, tap_groups, tap_offsets, valid)
 
 
 def glorot_uniform(shape: tuple[int, ...], fan_in: int, fan_out: int, rng: np.random.Generator,
@@ -31,15 +32,18 @@ class Conv2D:
 
         out[n, y, x, f] = sum_(i, j, c) x_pad[n, y + i, x + j, c] * W[i, j, c, f] + b[f]
 
-    Forward is one GEMM on the im2col matrix. Backward:
+    computed as a sum over the kernel taps of one GEMM each on shifted rows of the padded input
+    (see :mod:`tinyunet.conv`): ``out_rows[:L] = sum_(i, j) x_rows[off : off + L] @ W[i, j]``
+    (a few taps share one GEMM when C is small).
+    Backward, with ``d_rows`` the output gradient laid on the same padded grid (zero at the
+    dropped rows):
 
-        dW = cols^T @ dout                         (KH*KW*C, F)
-        db = sum of dout over N, H, W              (F,)
-        dx = conv(dout, W flipped in i and j, with C and F swapped)
+        dW[i, j] = x_rows[off : off + L]^T @ d_rows[:L]                       (C, F) per tap
+        db       = sum of dout over N, H, W                                  (F,)
+        dx_rows[off : off + L] += d_rows[:L] @ W[i, j]^T                      for every tap
 
-    The input gradient is the *transposed* convolution of ``dout`` by ``W``; at stride 1 that is an
-    ordinary convolution with the kernel rotated by 180 degrees, so it reuses :func:`im2col` instead
-    of scattering patches back (col2im).
+    The input gradient scatters each output's gradient back to the KH*KW inputs it read: it is
+    the *transposed* convolution of ``dout`` by ``W``, built from the same shifted slices.
     """
 
     def __init__(self, c_in: int, c_out: int, kernel_size: int = 3, *, rng=None,
@@ -54,30 +58,55 @@ class Conv2D:
             "b": xp.zeros(c_out, dtype=dtype),  # (F,)
         }
         self.grads = {"W": xp.zeros_like(self.params["W"]), "b": xp.zeros_like(self.params["b"])}
-        self.cols = None  # (N*H*W, KH*KW*C) the im2col matrix of the input, for dW
-        self.x_shape = None  # (N, H, W, C)
+        self.x_rows = None  # (N*Hp*Wp, C) the zero-padded input as rows, for dW
+        self.grid = None  # (N, Hp, Wp, H, W): the padded grid and the output size on it
 
     def forward(self, x, train: bool = False):
+        xp = get_array_module(x)
         kh, kw = self.kernel_size
         W, b = self.params["W"], self.params["b"]
-        n, h, w, _ = x.shape
-        cols = im2col(x, kh, kw, self.pads)  # (N*H*W, KH*KW*C)
-        out = cols @ W.reshape(-1, W.shape[3]) + b  # (N*H*W, F)
-        self.cols, self.x_shape = cols, x.shape
-        return out.reshape(n, h, w, W.shape[3])  # (N, H, W, F)
+        n, h, w, c = x.shape
+        x_rows, (hp, wp) = padded_rows(x, self.pads)  # (N*Hp*Wp, C)
+        offsets = tap_offsets(kh, kw, wp)
+        length = len(x_rows) - offsets[-1]  # L: rows whose every tap stays inside the array
+        W_rows = W.reshape(-1, W.shape[3])  # (KH*KW*C, F): tap t's weights are rows t*C:(t+1)*C
+        out = xp.zeros((len(x_rows), W.shape[3]), dtype=xp.result_type(x, W))  # (N*Hp*Wp, F)
+        for group in tap_groups(len(offsets), c):
+            cols = gather_taps(x_rows, offsets[group.start:group.stop], length)  # (L, g*C)
+            out[:length] += cols @ W_rows[group.start * c:group.stop * c]
+        out[:length] += b
+        self.x_rows, self.grid = x_rows, (n, hp, wp, h, w)
+        return valid(out, n, hp, wp, h, w)  # (N, H, W, F)
 
-    def backward(self, dout):
+    def backward(self, dout, input_grad: bool = True):
+        """dL/dx (None when ``input_grad`` is false: a first layer's input is the image itself)."""
+        xp = get_array_module(dout)
         kh, kw = self.kernel_size
         W = self.params["W"]
-        n, h, w, c = self.x_shape
-        dout2d = dout.reshape(-1, dout.shape[3])  # (N*H*W, F)
-        self.grads["W"][...] = (self.cols.T @ dout2d).reshape(W.shape)  # (KH, KW, C, F)
-        self.grads["b"][...] = dout2d.sum(axis=0)
-        # dx = conv(dout, rot180(W) with C <-> F): a transposed conv of dout, written as a conv.
-        W_rot = W[::-1, ::-1].transpose(0, 1, 3, 2)  # (KH, KW, F, C)
-        dcols = im2col(dout, kh, kw, flip_pads(self.pads))  # (N*H*W, KH*KW*F)
-        dx = dcols @ W_rot.reshape(-1, c)  # (N*H*W, C)
-        return dx.reshape(n, h, w, c)
+        n, hp, wp, h, w = self.grid
+        c, f = self.x_rows.shape[1], dout.shape[3]
+        top, _, left, _ = self.pads
+        d_grid = xp.zeros((n, hp, wp, f), dtype=dout.dtype)
+        d_grid[:, :h, :w] = dout  # the dropped rows get no gradient
+        d_rows = d_grid.reshape(-1, f)  # (N*Hp*Wp, F)
+        offsets = tap_offsets(kh, kw, wp)
+        length = len(d_rows) - offsets[-1]
+        W_rows = W.reshape(-1, f)  # (KH*KW*C, F)
+        dW_rows = self.grads["W"].reshape(-1, f)  # a view: writing it fills grads["W"]
+        dx_rows = xp.zeros_like(self.x_rows, dtype=xp.result_type(dout, W)) if input_grad else None
+        for group in tap_groups(len(offsets), c):
+            group_offsets = offsets[group.start:group.stop]
+            block = slice(group.start * c, group.stop * c)
+            cols = gather_taps(self.x_rows, group_offsets, length)  # (L, g*C)
+            dW_rows[block] = cols.T @ d_rows[:length]  # (g*C, F)
+            if input_grad:
+                d_cols = d_rows[:length] @ W_rows[block].T  # (L, g*C)
+                for k, off in enumerate(group_offsets):
+                    dx_rows[off:off + length] += d_cols[:, k * c:(k + 1) * c]
+        self.grads["b"][...] = dout.sum(axis=(0, 1, 2))
+        if not input_grad:
+            return None
+        return valid(dx_rows, n, hp, wp, top + h, left + w)[:, top:, left:]  # (N, H, W, C)
 
 
 class Conv2DTranspose:
@@ -143,41 +172,42 @@ class MaxPooling2D:
 
         out[n, y, x, c] = max_(i, j) x[n, p*y + i, p*x + j, c]
 
-    Backward sends each output gradient to the one input that won its window (the first, on ties)
-    and zero to the rest, including any dropped row/column.
+    The window's p*p positions are p*p strided views of ``x`` (every p-th pixel from (i, j)), so
+    the max is p*p - 1 elementwise maxima. Backward sends each output gradient to the one input that
+    won its window (the first, on ties) and zero to the rest, including any dropped row/column.
     """
 
     def __init__(self, pool_size: int = 2):
         self.pool_size = pool_size
         self.params, self.grads = {}, {}
-        self.argmax = None  # (N, OH, OW, C) index 0..p*p-1 of the winner inside each window
+        self.argmax = None  # (N, OH, OW, C) uint8: which of the p*p positions won, k = i*p + j
         self.x_shape = None  # (N, H, W, C)
 
-    def _windows(self, x):
+    def _positions(self, x, oh: int, ow: int):
+        """The p*p views x[:, i::p, j::p] cut to (N, OH, OW, C), in k = i*p + j order."""
         p = self.pool_size
-        n, h, w, c = x.shape
-        oh, ow = conv_outsize(h, p, stride=p), conv_outsize(w, p, stride=p)
-        x = x[:, :oh * p, :ow * p, :]
-        win = x.reshape(n, oh, p, ow, p, c).transpose(0, 1, 3, 5, 2, 4)  # (N, OH, OW, C, P, P)
-        return win.reshape(n, oh, ow, c, p * p)  # (N, OH, OW, C, P*P)
+        return [x[:, i:oh * p:p, j:ow * p:p, :] for i in range(p) for j in range(p)]
 
     def forward(self, x, train: bool = False):
         xp = get_array_module(x)
-        win = self._windows(x)
-        self.argmax = win.argmax(axis=-1).astype(xp.uint8)  # (N, OH, OW, C)
-        self.x_shape = x.shape
-        return xp.take_along_axis(win, self.argmax[..., None].astype(xp.intp), axis=-1)[..., 0]
+        p = self.pool_size
+        oh, ow = conv_outsize(x.shape[1], p, stride=p), conv_outsize(x.shape[2], p, stride=p)
+        positions = self._positions(x, oh, ow)
+        out = positions[0].copy()  # (N, OH, OW, C)
+        for view in positions[1:]:
+            xp.maximum(out, view, out=out)
+        argmax = xp.full(out.shape, p * p - 1, dtype=xp.uint8)
+        for k in reversed(range(p * p - 1)):  # downwards, so the first winner is the one kept
+            argmax = xp.where(positions[k] == out, xp.uint8(k), argmax)
+        self.argmax, self.x_shape = argmax, x.shape
+        return out
 
     def backward(self, dout):
         xp = get_array_module(dout)
-        p = self.pool_size
-        n, h, w, c = self.x_shape
         _, oh, ow, _ = dout.shape
-        hits = self.argmax[..., None] == xp.arange(p * p, dtype=xp.uint8)  # (N, OH, OW, C, P*P)
-        dwin = hits * dout[..., None]  # (N, OH, OW, C, P*P)
-        dwin = dwin.reshape(n, oh, ow, c, p, p).transpose(0, 1, 4, 2, 5, 3)  # (N, OH, P, OW, P, C)
-        dx = xp.zeros(self.x_shape, dtype=dout.dtype)
-        dx[:, :oh * p, :ow * p, :] = dwin.reshape(n, oh * p, ow * p, c)
+        dx = xp.zeros(self.x_shape, dtype=dout.dtype)  # (N, H, W, C)
+        for k, view in enumerate(self._positions(dx, oh, ow)):
+            view[...] = dout * (self.argmax == k)
         return dx
 
 
@@ -189,8 +219,9 @@ class ReLU:
         self.mask = None  # (N, H, W, C) bool, x > 0
 
     def forward(self, x, train: bool = False):
+        xp = get_array_module(x)
         self.mask = x > 0
-        return x * self.mask
+        return xp.maximum(x, 0)
 
     def backward(self, dout):
         return dout * self.mask
@@ -225,6 +256,9 @@ class Dropout:
         out = x * mask,   mask = keep / (1 - rate),   keep ~ Bernoulli(1 - rate)
         dx  = dout * mask
 
+    ``keep`` compares 16-bit random integers with ``rate * 2**16`` (half the random bits of a
+    float draw, and faster), so the rate is applied to within 2**-17.
+
     ``mask`` stays inspectable after a training forward. With ``frozen = True`` a training forward
     reuses the last mask instead of drawing a new one (gradient checks need the same mask twice).
     """
@@ -249,8 +283,10 @@ class Dropout:
         if not self.train:
             return x
         if not (self.frozen and self.mask is not None and self.mask.shape == x.shape):
-            keep = self.rng.random(x.shape, dtype=x.dtype) >= self.rate
-            self.mask = keep * x.dtype.type(1 / (1 - self.rate))
+            xp = get_array_module(x)
+            dropped = round(self.rate * 2 ** 16)  # of 2**16 equally likely draws
+            keep = self.rng.integers(0, 2 ** 16, size=x.shape, dtype=xp.uint16) >= dropped
+            self.mask = keep * x.dtype.type(2 ** 16 / (2 ** 16 - dropped))
         return x * self.mask
 
     def backward(self, dout):

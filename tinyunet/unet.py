@@ -48,10 +48,10 @@ class DoubleConv:
             x = layer.forward(x, train=train)
         return x
 
-    def backward(self, dout):
-        for layer in reversed(self.layers):
+    def backward(self, dout, input_grad: bool = True):
+        for layer in reversed(self.layers[1:]):
             dout = layer.backward(dout)
-        return dout
+        return self.conv1.backward(dout, input_grad=input_grad)
 
 
 class EncoderBlock:
@@ -70,9 +70,9 @@ class EncoderBlock:
         down = self.dropout.forward(self.pool.forward(skip), train)  # (N, H/2, W/2, F)
         return down, skip
 
-    def backward(self, ddown, dskip):
+    def backward(self, ddown, dskip, input_grad: bool = True):
         dconv_out = self.pool.backward(self.dropout.backward(ddown)) + dskip  # both paths meet
-        return self.convs.backward(dconv_out)
+        return self.convs.backward(dconv_out, input_grad)
 
 
 class DecoderBlock:
@@ -198,8 +198,12 @@ class UNet:
             x = decoder.forward(x, skip, train)
         return self.head.forward(x, train)
 
-    def backward(self, dlogits):
-        """Fill :attr:`grads` from dL/dlogits (N, H, W, 1); return dL/dx."""
+    def backward(self, dlogits, input_grad: bool = True):
+        """Fill :attr:`grads` from dL/dlogits (N, H, W, 1); return dL/dx.
+
+        Training passes ``input_grad=False``: the gradient for the images themselves is not needed,
+        so the first convolution skips it and None is returned.
+        """
         d = self.head.backward(dlogits)
         dskips = []
         for decoder in reversed(self.decoders):  # shallowest first, the reverse of forward
@@ -207,7 +211,7 @@ class UNet:
             dskips.append(dskip)  # dskips[0] belongs to enc1
         d = self.bridge.backward(d)
         for encoder, dskip in zip(reversed(self.encoders), reversed(dskips)):  # deepest first
-            d = encoder.backward(d, dskip)
+            d = encoder.backward(d, dskip, input_grad or encoder is not self.encoders[0])
         return d
 
     def predict(self, x, batch_size: int = 32):
