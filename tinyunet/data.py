@@ -1,0 +1,585 @@
+"""Reading Kaggle's layout (a folder or a zip) and preparing the arrays for the network.
+
+The TGS Salt data comes in Kaggle's layout::
+
+    train/images/<id>.png   train/masks/<id>.png   train.csv (id,rle_mask)   depths.csv (id,z)
+    test/images/<id>.png
+
+or as the competition's download, ``tgs-salt-identification-challenge.zip``, which holds ``train.zip``
+(``images/``, ``masks/``), ``test.zip`` (``images/``) and the CSVs. :func:`load_train` and
+:func:`load_test` read either form, and a zip of the folder layout, straight from the zip in memory.
+
+Everything after reading works on NumPy or CuPy arrays alike (``xp = get_array_module(x)``).
+
+Notation: N images, H x W pixels, C channels, OH x OW the output size of a resize.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import struct
+import zipfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tinyunet.backend import as_numpy, get_array_module
+
+LAYOUT_HINT = (
+    "expected Kaggle's layout (train/images/<id>.png, train/masks/<id>.png, train.csv, "
+    "test/images/<id>.png) or the competition's zip (train.zip, test.zip, train.csv)"
+)
+
+# What PIL raises on a corrupt or truncated PNG (it has no single exception type for it).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error,
+                  Image.DecompressionBombError)
+
+# The largest value of each PNG mode PIL can return, by which pixels are scaled to [0, 1].
+_FULL_SCALE = {"1": 1, "L": 255, "LA": 255, "P": 255, "PA": 255, "RGB": 255, "RGBA": 255,
+               "I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I": 65535}
+
+
+class DataError(ValueError):
+    """Bad input data; the message is one line saying what is wrong and how to fix it."""
+
+
+# --------------------------------------------------------------------------------------------
+# Ids and values
+# --------------------------------------------------------------------------------------------
+
+def check_id(image_id: str, where: str) -> str:
+    """Return ``image_id`` if it is a plain file name (no folders, no ``..``), else raise DataError."""
+    bad = (not image_id or image_id in (".", "..") or ".." in image_id
+           or any(ch in image_id for ch in "/\\:\0") or not image_id.isprintable())
+    if bad:
+        raise DataError(f"id {image_id!r} in {where} is not a plain file name: ids name files "
+                        "inside the data folder and may not hold '/', '\\', ':' or '..'")
+    return image_id
+
+
+def check_finite(array, what: str) -> None:
+    """Raise DataError if ``array`` (NumPy or CuPy) holds NaN or infinite values."""
+    xp = get_array_module(array)
+    bad = ~xp.isfinite(array)
+    count = int(bad.sum())
+    if count:
+        first = tuple(int(i) for i in np.unravel_index(int(xp.argmax(bad.ravel())), array.shape))
+        raise DataError(f"{what} has {count} NaN or infinite values (the first at index {first}): "
+                        "fix or drop those inputs")
+
+
+# --------------------------------------------------------------------------------------------
+# PNG files -> arrays
+# --------------------------------------------------------------------------------------------
+
+def _decode(source: str | Path | bytes, name: str | None) -> tuple[np.ndarray, int, str, str]:
+    """Decode a PNG to one channel of raw values.
+
+    Returns ``(raw, full_scale, mode, name)``: raw (H, W) float32 in 0..full_scale, the PIL mode it
+    was read as and the name to use in messages.
+    """
+    if isinstance(source, bytes):
+        data, name = source, name or "<bytes>"
+    else:
+        name = name or str(source)
+        try:
+            data = Path(source).read_bytes()
+        except OSError as err:
+            raise DataError(f"cannot read {name}: {err.strerror or err}") from None
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            mode = img.mode
+            if mode not in _FULL_SCALE:
+                raise DataError(f"{name} has PIL mode {mode!r}, which tinyunet does not read: "
+                                "save it as an 8- or 16-bit grayscale PNG")
+            if mode in ("P", "PA"):  # palette indices mean nothing: look the colours up
+                img = img.convert("RGBA" if mode == "PA" else "RGB")
+            pixels = np.asarray(img)  # (H, W) or (H, W, bands)
+    except _DECODE_ERRORS as err:
+        raise DataError(f"cannot decode {name} ({err}): the file is corrupt or truncated; "
+                        "re-download it or remove it") from None
+    if pixels.ndim == 3:
+        rgb = pixels[..., :3] if pixels.shape[2] >= 3 else pixels[..., :1]  # drop alpha
+        if (rgb == rgb[..., :1]).all():  # gray stored as RGB (the TGS images): exact
+            raw = rgb[..., 0].astype(np.float32)
+        else:  # ITU-R 601-2 luma, the weights of PIL's convert("L")
+            r, g, b = (rgb[..., i].astype(np.float64) for i in range(3))
+            raw = (0.299 * r + 0.587 * g + 0.114 * b).astype(np.float32)
+    else:
+        raw = pixels.astype(np.float32)
+    full = _FULL_SCALE[mode]
+    if raw.size and (raw.min() < 0 or raw.max() > full):
+        raise DataError(f"{name} (PIL mode {mode!r}) holds values outside 0..{full}: "
+                        "save it as an 8- or 16-bit grayscale PNG")
+    return raw, full, mode, name
+
+
+def read_image(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
+    """Read a PNG as grayscale float32 (H, W) in [0, 1], whatever its mode.
+
+    8-bit modes (L, P, RGB, RGBA, LA) are divided by 255, 16-bit ones (I;16, I) by 65535; colour
+    images become luma. ``name`` names the file in error messages (default: the path).
+    """
+    raw, full, _, _ = _decode(source, name)
+    return raw / np.float32(full)
+
+
+def read_mask(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
+    """Read a PNG mask as float32 (H, W) in {0, 1}: any value > 0 is salt, whatever the mode.
+
+    A mask with more than two distinct values is a DataError that says how it was read.
+    """
+    raw, full, mode, name = _decode(source, name)
+    values = np.unique(raw)
+    if values.size > 2:
+        shown = ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if values.size > 6 else "")
+        raise DataError(f"mask {name} is not binary: read as PIL mode {mode!r} (0..{full}) it holds "
+                        f"{values.size} distinct values ({shown}); a mask needs two values, "
+                        "0 for background and anything > 0 for salt")
+    return (raw > 0).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Files in a folder or a zip
+# --------------------------------------------------------------------------------------------
+
+class _DirTree:
+    """Read-only view of a folder; relative names use '/'."""
+
+    def __init__(self, root: Path, label: str):
+        self.root = root
+        self.label = label  # how messages name it
+
+    def has_dir(self, rel: str) -> bool:
+        return (self.root / rel).is_dir()
+
+    def has_file(self, rel: str) -> bool:
+        return (self.root / rel).is_file()
+
+    def entries(self, rel: str = "") -> list[str]:
+        """Names directly in folder ``rel``: files as 'name', folders as 'name/'."""
+        folder = self.root / rel
+        return sorted(p.name + "/" if p.is_dir() else p.name for p in folder.iterdir())
+
+    def read(self, rel: str) -> bytes:
+        try:
+            return (self.root / rel).read_bytes()
+        except OSError as err:
+            raise DataError(f"cannot read {self.label}/{rel}: {err.strerror or err}") from None
+
+    def sub(self, rel: str) -> _DirTree:
+        return _DirTree(self.root / rel, f"{self.label}/{rel}")
+
+
+class _ZipTree:
+    """Read-only view of one folder of a zip, read in place (never extracted)."""
+
+    def __init__(self, zf: zipfile.ZipFile, label: str, prefix: str = "", index=None):
+        self.zf = zf
+        self.label = label
+        self.prefix = prefix  # '' or 'folder/'
+        if index is None:  # member files, and every folder they imply (zips may omit folder entries)
+            names = zf.namelist()
+            index = ({n for n in names if not n.endswith("/")},
+                     {n[: i + 1] for n in names for i, ch in enumerate(n) if ch == "/"})
+        self.files, self.dirs = index
+
+    def has_dir(self, rel: str) -> bool:
+        return f"{self.prefix}{rel}/" in self.dirs
+
+    def has_file(self, rel: str) -> bool:
+        return self.prefix + rel in self.files
+
+    def entries(self, rel: str = "") -> list[str]:
+        """Names directly in folder ``rel``: files as 'name', folders as 'name/'."""
+        start = self.prefix + (rel + "/" if rel else "")
+        found = set()
+        for name in self.files | self.dirs:
+            if name.startswith(start) and name != start:
+                rest = name[len(start):]
+                found.add(rest[: rest.index("/") + 1] if "/" in rest else rest)
+        return sorted(found)
+
+    def read(self, rel: str) -> bytes:
+        try:
+            return self.zf.read(self.prefix + rel)
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError,
+                NotImplementedError) as err:  # damaged, encrypted or an unsupported compression
+            raise DataError(f"cannot read {self.label}/{rel} from the zip ({err}): "
+                            "re-download the zip, or unpack it and give the folder") from None
+
+    def sub(self, rel: str) -> _ZipTree:
+        return _ZipTree(self.zf, f"{self.label}/{rel}", f"{self.prefix}{rel}/",
+                        (self.files, self.dirs))
+
+
+def _open_zip(data: str | Path | bytes, label: str) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(io.BytesIO(data) if isinstance(data, bytes) else data)
+    except (zipfile.BadZipFile, OSError) as err:
+        raise DataError(f"cannot open {label} as a zip ({err}): re-download it") from None
+
+
+class _Layout:
+    """Kaggle's layout found under a folder or in a zip; a context manager that closes the zips."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        self.zips: list[zipfile.ZipFile] = []
+        if not path.exists():
+            raise DataError(f"data path '{path}' does not exist: give a folder or zip in Kaggle's "
+                            f"layout; {LAYOUT_HINT}")
+        if path.is_dir():
+            root = _DirTree(path, str(path))
+        elif zipfile.is_zipfile(path):
+            self.zips.append(_open_zip(path, str(path)))
+            root = _ZipTree(self.zips[0], str(path))
+        else:
+            raise DataError(f"data path '{path}' is neither a folder nor a zip file: {LAYOUT_HINT}")
+        top = root.entries()
+        if not top:
+            raise DataError(f"data {'folder' if path.is_dir() else 'zip'} '{path}' is empty: "
+                            f"{LAYOUT_HINT}")
+        if len(top) == 1 and top[0].endswith("/") and not self._is_layout(root):
+            root = root.sub(top[0][:-1])  # a zip (or folder) holding the layout in one folder
+        self.root = root
+
+    @staticmethod
+    def _is_layout(tree) -> bool:
+        return any(tree.has_dir(f"{part}/images") or tree.has_file(f"{part}.zip")
+                   for part in ("train", "test"))
+
+    def part(self, part: str):
+        """The tree of ``part`` ('train' or 'test') whose top holds ``images/`` (and ``masks/``)."""
+        root = self.root
+        if root.has_dir(f"{part}/images"):
+            return root.sub(part)
+        if root.has_file(f"{part}.zip"):
+            label = f"{root.label}/{part}.zip"
+            self.zips.append(_open_zip(root.read(f"{part}.zip"), label))
+            inner = _ZipTree(self.zips[-1], label)
+            if inner.has_dir("images"):  # Kaggle's train.zip holds images/ at its top
+                return inner
+            if inner.has_dir(f"{part}/images"):
+                return inner.sub(part)
+            raise DataError(f"{label} has no images/ folder: Kaggle's {part}.zip holds "
+                            f"images/<id>.png" + (" and masks/<id>.png" if part == "train" else ""))
+        shown = ", ".join(root.entries()[:8])
+        raise DataError(f"data '{root.label}' has no {part}/images (nor {part}.zip), it holds "
+                        f"{shown}: {LAYOUT_HINT}")
+
+    def __enter__(self) -> _Layout:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for zf in self.zips:
+            zf.close()
+
+
+def _png_ids(tree, folder: str) -> list[str]:
+    """Sorted ids of the ``<id>.png`` files directly in ``folder``; raises if there are none."""
+    where = f"{tree.label}/{folder}"
+    ids = [check_id(name[:-4], where) for name in tree.entries(folder)
+           if name.endswith(".png") and not name.endswith("/")]
+    if not ids:
+        raise DataError(f"{where} holds no .png files: {LAYOUT_HINT}")
+    return ids
+
+
+def _read_stack(tree, folder: str, ids: list[str], reader, shape=None) -> np.ndarray:
+    """Read ``folder/<id>.png`` for every id into one (N, H, W) float32 array.
+
+    All files must share one size: ``shape`` (H, W) when given (the images, for their masks), else
+    the size of the first file.
+    """
+    out = None
+    for i, image_id in enumerate(ids):
+        name = f"{tree.label}/{folder}/{image_id}.png"
+        array = reader(tree.read(f"{folder}/{image_id}.png"), name)  # (H, W)
+        if out is None:
+            shape = shape or array.shape
+            first = name
+            out = np.empty((len(ids),) + tuple(shape), np.float32)  # (N, H, W)
+        if array.shape != tuple(shape):
+            h, w = array.shape
+            if folder == "masks":
+                raise DataError(f"mask {name} is {w}x{h} but its image is {shape[1]}x{shape[0]}: "
+                                "a mask must have its image's size")
+            raise DataError(f"{name} is {w}x{h} but {first} is {shape[1]}x{shape[0]}: all images "
+                            "of a set must share one size; resize or remove the odd ones")
+        out[i] = array
+    return out
+
+
+def _check_same_ids(image_ids: list[str], other_ids: list[str], images: str, other: str) -> None:
+    """Raise DataError naming the first few ids found in only one of the two lists."""
+    no_other = sorted(set(image_ids) - set(other_ids))
+    no_image = sorted(set(other_ids) - set(image_ids))
+    problems = []
+    if no_other:
+        problems.append(f"{len(no_other)} image(s) in {images} have no {other} "
+                        f"({', '.join(no_other[:5])})")
+    if no_image:
+        problems.append(f"{len(no_image)} {other}(s) have no image in {images} "
+                        f"({', '.join(no_image[:5])})")
+    if problems:
+        raise DataError("; ".join(problems) + ": every image needs its mask and every mask its "
+                        "image; add the missing files or remove the extra ones")
+
+
+def _read_csv(tree, name: str, columns: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """Rows of CSV ``name`` keyed by their checked ``id``; the header must hold ``columns``."""
+    where = f"{tree.label}/{name}"
+    try:
+        text = tree.read(name).decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{where} is not UTF-8 text ({err}): re-download it") from None
+    reader = csv.DictReader(io.StringIO(text))
+    missing = [c for c in columns if c not in (reader.fieldnames or [])]
+    if missing:
+        raise DataError(f"{where} has no column {missing[0]!r} (header: {reader.fieldnames}): "
+                        f"expected a header line '{','.join(columns)}'")
+    rows: dict[str, dict[str, str]] = {}
+    for row in reader:
+        image_id = check_id(row["id"] or "", where)
+        if image_id in rows:
+            raise DataError(f"id {image_id} appears twice in {where}: keep one row per id")
+        rows[image_id] = row
+    return rows
+
+
+def _masks_from_csv(root, ids: list[str], shape: tuple[int, int]) -> np.ndarray:
+    """Masks (N, H, W) float32 decoded from train.csv's run-length strings, in the order of ``ids``."""
+    from tinyunet.rle import rle_decode  # the run-length module, needed only for this fallback
+
+    rows = _read_csv(root, "train.csv", ("id", "rle_mask"))
+    _check_same_ids(ids, list(rows), f"{root.label}/train/images", "row in train.csv")
+    masks = np.empty((len(ids),) + tuple(shape), np.float32)  # (N, H, W)
+    for i, image_id in enumerate(ids):
+        try:
+            masks[i] = rle_decode(rows[image_id]["rle_mask"] or "", shape)
+        except ValueError as err:
+            raise DataError(f"train.csv's run-length string for id {image_id} is invalid ({err}): "
+                            "fix that row or give train/masks") from None
+    return masks
+
+
+def _read_depths(root, ids: list[str]) -> np.ndarray | None:
+    """depths.csv's ``z`` for each id, (N,) float32 (NaN where it has no row), or None without it."""
+    if not root.has_file("depths.csv"):
+        return None
+    rows = _read_csv(root, "depths.csv", ("id", "z"))
+    depths = np.full(len(ids), np.nan, np.float32)  # (N,)
+    for i, image_id in enumerate(ids):
+        if image_id in rows:
+            try:
+                depths[i] = float(rows[image_id]["z"])
+            except (TypeError, ValueError):
+                raise DataError(f"depths.csv's z for id {image_id} is {rows[image_id]['z']!r}, "
+                                "not a number: fix that row") from None
+    return depths
+
+
+# --------------------------------------------------------------------------------------------
+# Loading a training set and a test set
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainSet:
+    """A labelled set, sorted by id."""
+
+    ids: list[str]
+    images: np.ndarray  # (N, H, W) float32 in [0, 1]
+    masks: np.ndarray  # (N, H, W) float32 in {0, 1}
+    depths: np.ndarray | None = None  # (N,) float32 from depths.csv, NaN where it has no row
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def load_train(path: str | Path) -> TrainSet:
+    """Read the training images and masks of Kaggle's layout from a folder or a zip.
+
+    Masks come from ``train/masks``, or from ``train.csv``'s run-length strings where that folder
+    is missing. Raises DataError (one line) on any problem with the files.
+    """
+    with _Layout(path) as layout:
+        train = layout.part("train")
+        ids = _png_ids(train, "images")
+        images = _read_stack(train, "images", ids, read_image)  # (N, H, W)
+        if train.has_dir("masks"):
+            _check_same_ids(ids, _png_ids(train, "masks"), f"{train.label}/images", "mask")
+            masks = _read_stack(train, "masks", ids, read_mask, shape=images.shape[1:])
+        elif layout.root.has_file("train.csv"):
+            masks = _masks_from_csv(layout.root, ids, images.shape[1:])
+        else:
+            raise DataError(f"data '{layout.root.label}' has neither train/masks nor train.csv: "
+                            "give the masks as PNGs or as run-length strings in train.csv")
+        depths = _read_depths(layout.root, ids)
+    return TrainSet(ids, images, masks, depths)
+
+
+def load_test(path: str | Path) -> tuple[list[str], np.ndarray]:
+    """Read the test images of Kaggle's layout from a folder or a zip: ``(ids, images (N, H, W))``."""
+    with _Layout(path) as layout:
+        test = layout.part("test")
+        ids = _png_ids(test, "images")
+        return ids, _read_stack(test, "images", ids, read_image)
+
+
+# --------------------------------------------------------------------------------------------
+# Coverage and the stratified split
+# --------------------------------------------------------------------------------------------
+
+def coverage(masks):
+    """Fraction of salt pixels of each mask: (N, H, W) or (N, H, W, 1) -> (N,) float64."""
+    xp = get_array_module(masks)
+    return (masks.reshape(len(masks), -1) > 0.5).mean(axis=1, dtype=xp.float64)
+
+
+def coverage_class(cov):
+    """Coverage class ``ceil(coverage * 10)``: 0 for an empty mask, 1..10 otherwise; (N,) int64."""
+    xp = get_array_module(cov)
+    return xp.ceil(xp.round(cov * 10, 6)).astype(xp.int64)  # round: 0.1 must stay class 1
+
+
+def stratified_split(classes, val_fraction: float = 0.2,
+                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices into ``(train_idx, val_idx)``, stratified by class, reproducible by ``seed``.
+
+    Each class goes to validation in proportion (largest remainders, ties broken by the seed), and
+    every class with at least two members has at least one in each part, even where that moves the
+    validation size off ``round(val_fraction * N)``. Both parts are non-empty, sorted int64.
+    """
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    classes = as_numpy(classes).ravel()
+    n = len(classes)
+    if n < 2:
+        raise ValueError(f"cannot split {n} item(s) into a training and a validation part")
+    rng = np.random.default_rng(seed)
+    labels, counts = np.unique(classes, return_counts=True)
+    target = min(max(round(val_fraction * n), 1), n - 1)
+    ideal = counts * target / n  # (K,) validation share of each class
+    n_val = np.floor(ideal).astype(np.int64)
+    order = np.lexsort((rng.random(len(labels)), -(ideal - n_val)))  # largest remainders first
+    n_val[order[: target - n_val.sum()]] += 1
+    low = np.where(counts >= 2, 1, 0)  # a class of two or more keeps a member in each part
+    high = np.where(counts >= 2, counts - 1, counts)
+    n_val = np.clip(n_val, low, high)
+    while n_val.sum() != target:  # clipping moved the total: move the most off class back
+        step = 1 if n_val.sum() < target else -1
+        room = (n_val + step >= low) & (n_val + step <= high)
+        if not room.any():
+            break
+        n_val[np.flatnonzero(room)[np.argmax(step * (ideal - n_val)[room])]] += step
+    val = [rng.permutation(np.flatnonzero(classes == label))[:k] for label, k in zip(labels, n_val)]
+    val_idx = np.sort(np.concatenate(val)).astype(np.int64)
+    train_idx = np.setdiff1d(np.arange(n), val_idx).astype(np.int64)
+    return train_idx, val_idx
+
+
+# --------------------------------------------------------------------------------------------
+# Resizing, padding, flips
+# --------------------------------------------------------------------------------------------
+
+def _resize_axis(x, axis: int, out: int):
+    """Bilinear resize of one axis of ``x`` to length ``out`` (half-pixel centres)."""
+    xp = get_array_module(x)
+    n_in = x.shape[axis]
+    # source coordinate of each output pixel centre; clamped, so the edges repeat (no zero padding)
+    src = xp.clip((xp.arange(out, dtype=xp.float64) + 0.5) * (n_in / out) - 0.5, 0, n_in - 1)
+    i0 = xp.floor(src).astype(xp.int64)  # (out,)
+    i1 = xp.minimum(i0 + 1, n_in - 1)  # (out,)
+    shape = [1] * x.ndim
+    shape[axis] = out
+    w = (src - i0).astype(x.dtype).reshape(shape)  # weight of i1
+    lo = xp.take(x, i0, axis=axis)
+    hi = xp.take(x, i1, axis=axis)
+    return lo + (hi - lo) * w
+
+
+def resize(x, size: int | tuple[int, int]):
+    """Bilinear resize of (N, H, W) or (N, H, W, C) to (N, OH, OW[, C]); NumPy or CuPy.
+
+    Pixel centres sit at half-integers (``align_corners=False``, as PIL, skimage and TF2 do) and
+    the edges repeat. Upsampling matches PIL's bilinear filter (to float32 rounding). Downsampling
+    does no antialiasing (like TF2's default and OpenCV): PIL widens its filter, so 128 -> 101
+    differs from PIL by about 0.005 on smooth images but up to 0.3 on pixel noise. Floating dtypes
+    are kept; other dtypes become float32. Always returns a new array.
+    """
+    xp = get_array_module(x)
+    oh, ow = (size, size) if isinstance(size, int) else size
+    if x.dtype.kind != "f":
+        x = x.astype(xp.float32)
+    out = x if oh == x.shape[1] else _resize_axis(x, 1, oh)  # (N, OH, W[, C])
+    out = out if ow == x.shape[2] else _resize_axis(out, 2, ow)  # (N, OH, OW[, C])
+    return out.copy() if out is x else out
+
+
+def pad_to_multiple(x, multiple: int, mode: str = "reflect"):
+    """Pad H and W of (N, H, W[, C]) up to multiples of ``multiple`` (e.g. 2**depth).
+
+    Returns ``(padded, box)`` with ``box = (top, left, H, W)`` for :func:`crop`; the padding is
+    split evenly, the odd pixel going to the bottom / right. ``mode`` is any of ``xp.pad``'s.
+    """
+    xp = get_array_module(x)
+    h, w = x.shape[1:3]
+    ph, pw = -h % multiple, -w % multiple
+    top, left = ph // 2, pw // 2
+    widths = [(0, 0), (top, ph - top), (left, pw - left)] + [(0, 0)] * (x.ndim - 3)
+    return xp.pad(x, widths, mode=mode), (top, left, h, w)
+
+
+def crop(x, box: tuple[int, int, int, int]):
+    """Undo :func:`pad_to_multiple`: (N, H', W'[, C]) -> (N, H, W[, C]) with box (top, left, H, W)."""
+    top, left, h, w = box
+    return x[:, top: top + h, left: left + w]
+
+
+def hflip(x):
+    """Mirror (N, H, W) or (N, H, W, C) left to right (a new contiguous array)."""
+    xp = get_array_module(x)
+    return xp.ascontiguousarray(x[:, :, ::-1])
+
+
+def augment_hflip(images, masks):
+    """The seed's augmentation: the originals followed by their mirror images (2N of each)."""
+    xp = get_array_module(images)
+    return (xp.concatenate([images, hflip(images)]),
+            xp.concatenate([masks, hflip(masks)]))
+
+
+# --------------------------------------------------------------------------------------------
+# Batches and the data fingerprint
+# --------------------------------------------------------------------------------------------
+
+def minibatches(n: int, batch_size: int, rng: np.random.Generator | None = None,
+                shuffle: bool = True) -> Iterator[np.ndarray]:
+    """Yield int64 index arrays covering ``range(n)`` once, shuffled by ``rng`` when ``shuffle``.
+
+    The last batch may be smaller.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if shuffle and rng is None:
+        raise ValueError("minibatches(shuffle=True) needs an rng (np.random.default_rng(seed))")
+    order = rng.permutation(n) if shuffle else np.arange(n)
+    for start in range(0, n, batch_size):
+        yield order[start: start + batch_size]
+
+
+def fingerprint(ids: list[str], images, masks) -> str:
+    """A short sha256 hex (16 chars) of ids, images (as float32) and masks (as {0, 1} bytes)."""
+    digest = hashlib.sha256("\n".join(ids).encode())
+    for array, dtype in ((as_numpy(images), "<f4"), (as_numpy(masks) > 0.5, "u1")):
+        digest.update(str(array.shape).encode())
+        digest.update(np.ascontiguousarray(array, dtype=dtype).tobytes())
+    return digest.hexdigest()[:16]
