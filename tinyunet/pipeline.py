@@ -55,14 +55,18 @@ def probabilities(model, images, fit: str, input_size: int, batch_size: int = 32
     xp = model.xp
     depth = model.config["depth"]
     n, h, w = images.shape
+
+    def predict_at_original_size(batch):  # (B, H, W) -> (B, H, W)
+        x, box = to_network(batch, fit, input_size, depth)
+        return from_network(sigmoid(model.forward(x, train=False)), fit, box, (h, w))
+
     out = xp.empty((n, h, w), dtype=model.dtype)
     for start in range(0, n, batch_size):
         batch = as_array(images[start:start + batch_size], xp).astype(model.dtype, copy=False)
-        x, box = to_network(batch, fit, input_size, depth)
-        p = sigmoid(model.forward(x, train=False))
-        if tta:
-            p = (p + hflip(sigmoid(model.forward(hflip(x), train=False)))) / 2
-        out[start:start + batch_size] = from_network(p, fit, box, (h, w))
+        p = predict_at_original_size(batch)
+        if tta:  # mirror the image itself, so an odd padding cannot shift the mirrored view
+            p = (p + hflip(predict_at_original_size(hflip(batch)))) / 2
+        out[start:start + batch_size] = p
         if progress is not None:
             progress(len(batch))
     return out

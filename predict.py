@@ -1,0 +1,434 @@
+"""Turn a trained tinyunet model into a Kaggle submission, or score it on a labelled set.
+
+    python predict.py                         # runs/<runs/latest>/best.npz on its own data's test/
+    python predict.py --model runs/x/best.npz --data tgs-salt-identification-challenge.zip --tta
+    python predict.py --evaluate --data held_out/   # score the labelled train/ part; no submission
+
+Steps: load the checkpoint (its metadata says how to build the model and fit images to it), read
+the test images (Kaggle's layout, a folder or the competition zip; any image size), predict the
+salt probability in batches (NumPy, or CuPy with ``--gpu``), bring it back to each image's size,
+threshold it (the checkpoint's best threshold unless ``--threshold``), and write ``submission.csv``
+(``id,rle_mask``; one row per test image; an empty string for no salt). The CSV is written to a
+temporary file and renamed into place, so a failure never leaves half a submission over an old one.
+
+With ``--evaluate`` the *train* part of the data (images with masks) is predicted instead and scored:
+the competition score, IoU, pixel accuracy and the score per coverage class are printed and the
+threshold-vs-score plot is saved next to ``--out``; no submission is written (a submission of
+training images would be of no use, and would replace a real one).
+
+Mistakes a user can make (no model, a bad checkpoint or data folder, ``--gpu`` without a GPU, a flag
+out of range, an output folder that cannot be written) end with one line ``error: ...`` on stderr
+and exit status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import secrets
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tinyunet.backend import GPUUnavailableError, as_numpy
+from tinyunet.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from tinyunet.data import DataError, fingerprint, load_test, load_train
+from tinyunet.evaluation import Report, evaluate as score_report
+from tinyunet.pipeline import FITS, binarize, probabilities
+from tinyunet.rle import rle_encode
+from tinyunet.unet import UNet
+
+RUNS = Path("runs")  # where train.py puts its run folders, relative to the working folder
+LATEST = "latest"  # runs/latest: a text file naming the newest run folder, relative to runs/
+BEST = "best.npz"  # the checkpoint a run keeps by validation loss
+DEFAULT_THRESHOLD = 0.5  # used (with a note) when the checkpoint records no best threshold
+MODEL_KEYS = ("features", "depth", "dropout", "in_channels")  # UNet settings kept in meta["model"]
+
+
+class PredictError(ValueError):
+    """A problem with the arguments or the output files; the message is one line saying what to do."""
+
+
+# The errors a user can cause: reported as one line, without a traceback (unless --debug).
+USER_ERRORS = (PredictError, CheckpointError, DataError, GPUUnavailableError)
+
+
+@dataclass
+class Prediction:
+    """What :func:`predict` did."""
+
+    ids: list[str]  # the predicted images' ids, in file-name order
+    probs: np.ndarray  # (N, H, W) salt probabilities at the original image size (NumPy)
+    masks: np.ndarray  # (N, H, W) bool: probs > threshold
+    threshold: float
+    threshold_source: str  # "--threshold", "from the checkpoint" or "default"
+    seconds: float  # time spent predicting (network and resizing, data loading excluded)
+    images_per_s: float
+    submission: Path | None  # the CSV written (None with evaluate)
+    preview: Path | None  # the preview grid PNG
+    masks_dir: Path | None  # where the mask PNGs went (--save-masks)
+    threshold_plot: Path | None = None  # score vs threshold PNG (evaluate only)
+    report: Report | None = None  # the scores (evaluate only)
+
+
+# ------------------------------------------------------------------------------------------------
+# The model
+# ------------------------------------------------------------------------------------------------
+
+def latest_model(runs: Path = RUNS) -> Path:
+    """``runs/<runs/latest>/best.npz``: the best checkpoint of the newest training run."""
+    pointer = runs / LATEST
+    if not pointer.is_file():
+        raise PredictError("no trained model found: run python train.py first, or pass --model")
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise PredictError(f"cannot read {pointer} ({err}): pass --model") from None
+    if not name:
+        raise PredictError(f"{pointer} is empty: run python train.py again, or pass --model")
+    path = runs / name / BEST
+    if not path.is_file():
+        raise PredictError(f"{pointer} names the run {runs / name}, which has no {BEST} (was its "
+                           "training stopped before the first epoch ended?): run python train.py "
+                           "again, or pass --model")
+    return path
+
+
+def load_model(path: str | os.PathLike, gpu: bool = False) -> tuple[UNet, Checkpoint]:
+    """Build the U-Net a checkpoint describes (``meta["model"]``) and load its weights.
+
+    Raises CheckpointError (one line) when the file is not a usable tinyunet model checkpoint, and
+    GPUUnavailableError when ``gpu`` is asked for without CuPy or a CUDA device.
+    """
+    ckpt = load_checkpoint(path)
+    meta, where = ckpt.meta, ckpt.path
+    config = meta.get("model")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{where} records no model settings (meta['model']): it was not saved "
+                              "by train.py; pass the best.npz of a training run")
+    fit, input_size = meta.get("fit"), meta.get("input_size")
+    if fit not in FITS:
+        raise CheckpointError(f"{where} records fit={fit!r}, expected one of {FITS}; pass the "
+                              "best.npz of a training run")
+    if fit == "resize" and not (isinstance(input_size, int) and input_size > 0):
+        raise CheckpointError(f"{where} records input_size={input_size!r}, expected a positive "
+                              "integer; pass the best.npz of a training run")
+    if config.get("in_channels", 1) != 1:
+        raise CheckpointError(f"{where} holds a model for {config['in_channels']}-channel images; "
+                              "predict.py feeds grayscale (1-channel) images")
+    dtypes = {a.dtype for a in ckpt.params.values()}
+    if len(dtypes) > 1 or not all(np.issubdtype(d, np.floating) for d in dtypes):
+        raise CheckpointError(f"{where} holds parameters of dtypes {sorted(map(str, dtypes))}; "
+                              "expected one float dtype; pass the best.npz of a training run")
+    try:
+        model = UNet(**{k: config[k] for k in MODEL_KEYS if k in config},
+                     dtype=dtypes.pop() if dtypes else np.float32, gpu=gpu)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{where} records model settings {config} that do not build a "
+                              f"U-Net ({err})") from None
+    _check_weights_match(ckpt, model)
+    bad = [name for name, a in ckpt.params.items() if not np.isfinite(a).all()]
+    if bad:
+        raise CheckpointError(f"{where} holds NaN or infinite weights (in {bad[0]}"
+                              f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): training "
+                              "diverged before it was saved; use an earlier checkpoint or train again")
+    model.load_params(ckpt.params)
+    return model, ckpt
+
+
+def _check_weights_match(ckpt: Checkpoint, model: UNet) -> None:
+    """The checkpoint's weights have the names and shapes of the model its own settings describe."""
+    expected = {name: tuple(p.shape) for name, p in model.params.items()}
+    saved = {name: tuple(a.shape) for name, a in ckpt.params.items()}
+    if list(saved.items()) == list(expected.items()):
+        return
+    settings = ", ".join(f"{k}={model.config[k]}" for k in ("features", "depth"))
+    differ = [n for n in expected if n in saved and saved[n] != expected[n]]
+    if differ:
+        detail = f"{differ[0]} is {saved[differ[0]]}, those settings need {expected[differ[0]]}"
+    else:
+        detail = f"it has {len(saved)} weight arrays, those settings need {len(expected)}"
+    raise CheckpointError(f"{ckpt.path} does not fit its own model settings ({settings}): {detail}; "
+                          "the file is damaged or was edited: use another checkpoint or train again")
+
+
+def choose_threshold(threshold: float | None, meta: dict) -> tuple[float, str]:
+    """The threshold to use and where it came from: ``threshold``, else the checkpoint's best, else 0.5."""
+    if threshold is not None:
+        return float(threshold), "--threshold"
+    best = meta.get("best_threshold")
+    if best is None:
+        return DEFAULT_THRESHOLD, "default"
+    if isinstance(best, bool) or not isinstance(best, (int, float)) or not 0 <= best <= 1:
+        raise CheckpointError(f"the checkpoint records best_threshold={best!r}, not a number in "
+                              "[0, 1]: pass --threshold")
+    return float(best), "from the checkpoint"
+
+
+# ------------------------------------------------------------------------------------------------
+# Output files
+# ------------------------------------------------------------------------------------------------
+
+def _writable_folder(folder: Path, what: str) -> None:
+    """Create ``folder`` if needed and check a file can be created in it, else raise PredictError."""
+    blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise PredictError(f"cannot write {what} in {folder}: {blocker} is a file, not a folder; "
+                           "choose another location")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PredictError(f"cannot create the folder {folder} for {what} "
+                           f"({err.strerror or err}): choose another location") from None
+    probe = folder / f".tinyunet-write-test.{os.getpid()}.{secrets.token_hex(4)}"
+    try:
+        probe.touch(exist_ok=False)
+    except OSError as err:
+        raise PredictError(f"cannot write {what} in the folder {folder} "
+                           f"({err.strerror or err}): choose another location") from None
+    probe.unlink(missing_ok=True)
+
+
+def _check_file_target(path: Path, what: str) -> None:
+    """``path`` can be written as a file: it is not a folder and its folder is writable."""
+    if path.is_dir():
+        raise PredictError(f"{what} {path} is a folder: give a file name inside it")
+    _writable_folder(path.parent, what)
+
+
+def write_submission(path: str | os.PathLike, ids: list[str], masks: np.ndarray) -> Path:
+    """Write ``id,rle_mask`` rows for (N, H, W) boolean ``masks`` atomically; return the path.
+
+    The rows go to a temporary file beside ``path``, which is flushed, synced and renamed onto it:
+    an old submission is replaced whole or left as it was, never half-written.
+    """
+    path = Path(path)
+    if len(ids) != len(masks):
+        raise ValueError(f"write_submission got {len(ids)} ids for {len(masks)} masks")
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        with open(tmp, "x", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(("id", "rle_mask"))
+            writer.writerows((image_id, rle_encode(mask)) for image_id, mask in zip(ids, masks))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        raise PredictError(f"cannot write the submission {path} ({err.strerror or err}); any "
+                           "earlier file there is left as it was") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_masks(folder: str | os.PathLike, ids: list[str], masks: np.ndarray) -> Path:
+    """Save each (H, W) mask as ``folder/<id>.png``, 8-bit, 0 (no salt) / 255 (salt)."""
+    from PIL import Image
+
+    folder = Path(folder)
+    for image_id, mask in zip(ids, masks):  # ids are plain file names: load_test checked them
+        target = folder / f"{image_id}.png"
+        try:
+            Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L").save(target)
+        except OSError as err:
+            raise PredictError(f"cannot write the mask {target} ({err.strerror or err}): "
+                               "choose another --save-masks folder") from None
+    return folder
+
+
+# ------------------------------------------------------------------------------------------------
+# Prediction
+# ------------------------------------------------------------------------------------------------
+
+def predict(
+    model: str | os.PathLike | None = None,
+    data: str | os.PathLike | None = None,
+    out: str | os.PathLike = "submission.csv",
+    gpu: bool = False,
+    batch_size: int = 32,
+    tta: bool = False,
+    threshold: float | None = None,
+    save_masks: str | os.PathLike | None = None,
+    preview: str | os.PathLike | None = None,
+    evaluate: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> Prediction:
+    """Predict the test images of ``data`` with the checkpoint ``model`` and write the submission.
+
+    ``model`` defaults to ``runs/<runs/latest>/best.npz``, ``data`` to the data folder recorded in
+    the checkpoint. ``threshold`` defaults to the checkpoint's best threshold (0.5 when it has
+    none). ``preview`` defaults to ``<out stem>_preview.png`` beside ``out``. With ``evaluate`` the
+    labelled train part of ``data`` is predicted and scored instead, the threshold-vs-score plot goes
+    to ``<out stem>_threshold.png`` and no submission is written. Every input is checked before the
+    slow work starts; problems raise one of :data:`USER_ERRORS` with a one-line message.
+    """
+    # --- the arguments, before anything slow ---------------------------------------------------
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise PredictError(f"--batch-size must be a whole number >= 1, got {batch_size}")
+    if threshold is not None and not 0 <= threshold <= 1:  # NaN fails this too
+        raise PredictError(f"--threshold must be in [0, 1], got {threshold}")
+
+    # --- the model ---------------------------------------------------------------------------------
+    model_path = Path(model) if model is not None else latest_model()
+    net, ckpt = load_model(model_path, gpu=gpu)
+    meta = ckpt.meta
+    threshold, source = choose_threshold(threshold, meta)
+
+    # --- the output locations, checked before the slow part ------------------------------------------
+    out = Path(out)
+    preview = Path(preview) if preview is not None else out.with_name(f"{out.stem}_preview.png")
+    plot_path = out.with_name(f"{out.stem}_threshold.png") if evaluate else None
+    _check_file_target(out, "the output" if evaluate else "the submission")
+    _check_file_target(preview, "the preview")
+    if save_masks is not None:
+        save_masks = Path(save_masks)
+        if save_masks.exists() and not save_masks.is_dir():
+            raise PredictError(f"--save-masks {save_masks} is a file, not a folder: give a folder")
+        _writable_folder(save_masks, "the mask PNGs")
+
+    log(f"model: {model_path} (features={net.config['features']}, depth={net.config['depth']}, "
+        f"{meta.get('fit')} to {meta.get('input_size')}, epoch {meta.get('epoch', '?')}, "
+        f"{'GPU (CuPy)' if gpu else 'CPU (NumPy)'})")
+    if source == "default":
+        log(f"note: the checkpoint records no best threshold; using {DEFAULT_THRESHOLD} "
+            "(pass --threshold to choose)")
+
+    # --- the data ----------------------------------------------------------------------------------
+    if data is None:
+        recorded = meta.get("data")
+        recorded = recorded.get("path") if isinstance(recorded, dict) else None
+        if not isinstance(recorded, str) or not recorded:
+            raise PredictError(f"{model_path} does not record which data it was trained on: "
+                               "pass --data")
+        if not Path(recorded).exists():
+            raise PredictError(f"the data recorded in the checkpoint, {recorded}, does not exist "
+                               "(moved or deleted?): pass --data")
+        data = recorded
+    truths = None
+    if evaluate:
+        labelled = load_train(data)
+        ids, images, truths = labelled.ids, labelled.images, labelled.masks > 0.5
+        trained_on = meta.get("data") if isinstance(meta.get("data"), dict) else {}
+        if trained_on.get("fingerprint") == fingerprint(ids, images, labelled.masks):
+            log("note: these are the images the model was trained on (training and validation "
+                "parts): the scores below are optimistic")
+        del labelled
+    else:
+        ids, images = load_test(data)
+    n, h, w = images.shape
+    log(f"data: {data}: {n} {'labelled ' if evaluate else 'test '}images of {w}x{h}")
+
+    # --- the network ---------------------------------------------------------------------------
+    from tqdm import tqdm
+
+    with tqdm(total=n, desc="predicting", unit="img", disable=not progress, file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        start = time.perf_counter()
+        probs = probabilities(net, images, meta["fit"], meta.get("input_size", 0),
+                              batch_size=batch_size, tta=tta, progress=bar.update)
+        probs = as_numpy(probs)  # (N, H, W); also waits for the GPU to finish
+        seconds = time.perf_counter() - start
+    masks = binarize(probs, threshold)  # (N, H, W) bool
+
+    # --- the outputs -----------------------------------------------------------------------------
+    from tinyunet import plots
+
+    result = Prediction(ids=ids, probs=probs, masks=masks, threshold=threshold,
+                        threshold_source=source, seconds=seconds,
+                        images_per_s=n / max(seconds, 1e-9), submission=None, preview=None,
+                        masks_dir=None)
+    if evaluate:
+        result.report = score_report(truths, probs, threshold, threshold_source=source)
+        log(result.report.format())
+        result.threshold_plot = plots.threshold_curve(result.report.thresholds,
+                                                      result.report.scores,
+                                                      result.report.best_threshold, plot_path)
+        log(f"saved the threshold-vs-score plot to {plot_path}")
+        log("no submission written (--evaluate scores the labelled train part)")
+    else:
+        result.submission = write_submission(out, ids, masks)
+        log(f"wrote {out}: {n} rows, {int(masks.any(axis=(1, 2)).sum())} with salt, threshold "
+            f"{threshold:.3f} ({source})")
+    if save_masks is not None:
+        result.masks_dir = write_masks(save_masks, ids, masks)
+        log(f"saved {n} mask PNGs to {save_masks}")
+    result.preview = plots.prediction_grid(images, probs, masks, preview, truths=truths, ids=ids)
+    log(f"saved the preview to {preview}")
+    log(f"speed: {n} images in {seconds:.2f} s = {result.images_per_s:.1f} images/s "
+        f"({'GPU' if gpu else 'CPU'}, batch {batch_size}, tta {'on' if tta else 'off'})")
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line ``error: ...`` (exit 2) like every other mistake."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (python predict.py --help lists the flags)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(description="Predict salt masks with a trained tinyunet model and write a Kaggle "
+                            "submission (or score a labelled set with --evaluate).")
+    p.add_argument("--model", default=None,
+                   help="checkpoint to use (default: runs/<name in runs/latest>/best.npz, the newest "
+                        "training run's best model)")
+    p.add_argument("--data", default=None,
+                   help="data folder or competition zip in Kaggle's layout (default: the data the "
+                        "checkpoint was trained on)")
+    p.add_argument("--out", default="submission.csv",
+                   help="submission CSV to write (default: submission.csv)")
+    p.add_argument("--gpu", action="store_true", help="predict on the GPU with CuPy")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="images per forward pass (default: 32)")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: average with the prediction of the mirrored image")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="probability above which a pixel is salt, in [0, 1] (default: the "
+                        "checkpoint's best threshold, else 0.5)")
+    p.add_argument("--save-masks", metavar="DIR", default=None,
+                   help="also save the predicted masks as <id>.png (8-bit, 0/255) in DIR")
+    p.add_argument("--preview", metavar="PNG", default=None,
+                   help="preview grid of inputs, probabilities and masks (default: <out "
+                        "stem>_preview.png next to --out)")
+    p.add_argument("--evaluate", action="store_true",
+                   help="score the labelled train part of --data instead: print the competition "
+                        "score, IoU, pixel accuracy and score per coverage class, and save "
+                        "<out stem>_threshold.png; writes no submission")
+    p.add_argument("--debug", action="store_true",
+                   help="show the full traceback on errors")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        predict(model=args.model, data=args.data, out=args.out, gpu=args.gpu,
+                batch_size=args.batch_size, tta=args.tta, threshold=args.threshold,
+                save_masks=args.save_masks, preview=args.preview, evaluate=args.evaluate)
+    except USER_ERRORS as err:
+        if args.debug:
+            raise
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)  # always one line
+        return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("error: interrupted (a submission file is either complete or as it was before)",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
