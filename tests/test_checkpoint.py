@@ -43,7 +43,7 @@ def make_optimizer_state(params):
 
 def make_meta():
     return {
-        "config": CONFIG,
+        "model": CONFIG,
         "epoch": 7,
         "best_threshold": np.float32(0.5),  # NumPy scalars are welcome
         "history": [{"epoch": 0, "val_loss": 0.5}, {"epoch": 1, "val_loss": math.inf}],

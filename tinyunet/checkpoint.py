@@ -307,7 +307,7 @@ def check_compatible(
 
     ``expected_shapes`` is the model's ``{name: shape}`` in forward order; ``model_config`` holds the
     settings that decide them (e.g. ``{"features": 8, "depth": 4}``). The message names both
-    configurations (the checkpoint's from ``meta["config"]``, for the same keys) and the first
+    configurations (the checkpoint's from ``meta["model"]``, for the same keys) and the first
     parameter that differs.
     """
     saved = [(name, tuple(a.shape)) for name, a in checkpoint.params.items()]
@@ -315,7 +315,7 @@ def check_compatible(
     if saved == wanted:
         return
     keys = list(model_config)
-    saved_config = checkpoint.meta.get("config")
+    saved_config = checkpoint.meta.get("model")
     saved_text = _describe(saved_config, keys) if isinstance(saved_config, Mapping) else "no recorded config"
     raise CheckpointError(
         f"checkpoint {checkpoint.path} does not fit this model: checkpoint has {saved_text}; this model has "
