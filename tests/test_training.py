@@ -1,0 +1,318 @@
+"""The training loop: the run folder, exact resume, determinism, callbacks, NaN and Ctrl-C stops, config errors.
+
+Everything runs on a tiny synthetic set (24 images) with a tiny U-Net (features 2, depth 2, 32 x 32), so a
+training run takes about a second.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tinyunet import training
+from tinyunet.checkpoint import CheckpointError, load_checkpoint
+from tinyunet.data import DataError
+from tinyunet.synth import generate
+from tinyunet.training import (HISTORY_COLUMNS, QUICK, ConfigError, TrainConfig, TrainingDiverged,
+                               TrainingInterrupted, build_config, train)
+from tinyunet.unet import UNet
+
+TINY = {"features": 2, "depth": 2, "input_size": 32, "epochs": 2, "progress": False, "plots": False}
+PNGS = ("learning_curves.png", "threshold_sweep.png", "val_predictions.png", "coverage.png")
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    return generate(tmp_path_factory.mktemp("synthetic") / "set", n_train=24, n_test=4, seed=0)  # split 19 + 5
+
+
+def tiny(data: Path, out: Path, **settings) -> TrainConfig:
+    return build_config({"data": str(data), "out": str(out), **TINY, **settings})
+
+
+def read_history(run: Path) -> list[dict]:
+    with open(run / "history.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def params_of(path: Path) -> dict:
+    return load_checkpoint(path).params
+
+
+def assert_same_arrays(a: dict, b: dict) -> None:
+    assert list(a) == list(b)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+# --------------------------------------------------------------------------------------------
+# A run, end to end
+# --------------------------------------------------------------------------------------------
+
+def test_tiny_run_writes_the_run_folder(tiny_data, tmp_path):
+    run = train(tiny(tiny_data, tmp_path / "runs" / "first", plots=True))
+    assert run == tmp_path / "runs" / "first"
+    for name in ("best.npz", "last.npz", "history.csv") + PNGS:
+        assert (run / name).is_file(), name
+        assert (run / name).stat().st_size > 0, name
+    assert (tmp_path / "runs" / "latest").read_text().strip() == "first"
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+    rows = read_history(run)
+    assert tuple(rows[0]) == HISTORY_COLUMNS
+    assert [int(row["epoch"]) for row in rows] == [1, 2]
+    assert all(0 <= float(row["val_score"]) <= 1 for row in rows)
+
+    best = load_checkpoint(run / "best.npz")
+    meta = best.meta
+    assert 0 <= meta["best_threshold"] <= 1
+    assert 0 <= meta["val_score"] <= 1
+    assert meta["model"] == {"features": 2, "depth": 2, "dropout": [0.25, 0.3], "in_channels": 1}
+    assert (meta["fit"], meta["input_size"], meta["seed"]) == ("resize", 32, 0)
+    assert meta["epoch"] in (1, 2)
+    assert Path(meta["data"]["path"]).is_absolute() and len(meta["data"]["fingerprint"]) == 16
+    assert meta["args"]["epochs"] == 2 and len(meta["history"]) == meta["epoch"]
+    assert set(meta["callbacks"]) == {"early_stopping", "model_checkpoint", "reduce_lr"}
+    model = UNet(**meta["model"])  # what predict.py does
+    model.load_params(best.params)
+
+    last = load_checkpoint(run / "last.npz")
+    assert last.meta["epoch"] == 2 and last.optimizer_state["t"] == 2 * 5  # 38 flipped images / 8 = 5 steps
+    assert last.meta["best_threshold"] is None
+
+
+@pytest.mark.parametrize("fit", ["pad", "resize"])
+def test_images_of_an_odd_size_train_with_either_fit(tmp_path, fit):
+    data = generate(tmp_path / "odd", n_train=10, n_test=1, size=45, seed=1)  # 45 is no multiple of 4
+    run = train(tiny(data, tmp_path / "run", fit=fit, epochs=1))
+    meta = load_checkpoint(run / "best.npz").meta
+    assert meta["fit"] == fit and 0 <= meta["best_threshold"] <= 1
+
+
+# --------------------------------------------------------------------------------------------
+# Determinism and exact resume
+# --------------------------------------------------------------------------------------------
+
+def test_resume_is_bit_identical_and_runs_are_deterministic(tiny_data, tmp_path):
+    straight = train(tiny(tiny_data, tmp_path / "straight", epochs=4, dropout=(0.2, 0.3)))
+    half = train(tiny(tiny_data, tmp_path / "half", epochs=2, dropout=(0.2, 0.3)))
+    again = train(tiny(tiny_data, tmp_path / "again", epochs=2, dropout=(0.2, 0.3)))
+    assert_same_arrays(params_of(half / "last.npz"), params_of(again / "last.npz"))  # same seed, same weights
+
+    resumed = train(build_config({"resume": str(half), "epochs": 4}))
+    assert resumed == half
+    a, b = load_checkpoint(straight / "last.npz"), load_checkpoint(half / "last.npz")
+    assert_same_arrays(a.params, b.params)
+    for key in ("m", "v"):
+        assert_same_arrays(a.optimizer_state[key], b.optimizer_state[key])
+    assert a.optimizer_state["t"] == b.optimizer_state["t"]
+    drop = {"seconds"}
+    assert [{k: v for k, v in row.items() if k not in drop} for row in read_history(straight)] == \
+           [{k: v for k, v in row.items() if k not in drop} for row in read_history(half)]
+    assert load_checkpoint(straight / "best.npz").meta["best_threshold"] == \
+           load_checkpoint(half / "best.npz").meta["best_threshold"]
+
+
+def test_a_different_seed_gives_different_weights(tiny_data, tmp_path):
+    a = train(tiny(tiny_data, tmp_path / "a", epochs=1))
+    b = train(tiny(tiny_data, tmp_path / "b", epochs=1, seed=1))
+    assert not np.array_equal(params_of(a / "last.npz")["head.W"], params_of(b / "last.npz")["head.W"])
+
+
+def test_resume_of_a_finished_run_only_redoes_the_sweep(tiny_data, tmp_path):
+    run = train(tiny(tiny_data, tmp_path / "done", epochs=1))
+    before = params_of(run / "last.npz")
+    train(build_config({"resume": str(run / "last.npz")}))  # the file works too
+    assert_same_arrays(before, params_of(run / "last.npz"))
+    assert len(read_history(run)) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Callbacks
+# --------------------------------------------------------------------------------------------
+
+def test_early_stopping_and_reduce_lr_are_wired(tiny_data, tmp_path, monkeypatch):
+    losses = iter([1.0] + [1.5] * 20)  # improves once, then never again
+    monkeypatch.setattr(training, "evaluate", lambda model, prep, config: (next(losses), 0.5, 0.5))
+    run = train(tiny(tiny_data, tmp_path / "plateau", epochs=20, patience=3, lr_patience=1, lr_factor=0.5,
+                     min_lr=2e-4))
+    rows = read_history(run)
+    assert len(rows) == 4  # no improvement after epoch 1: patience 3 stops at the end of epoch 4
+    assert [float(row["lr"]) for row in rows] == [1e-3, 1e-3, 5e-4, 2.5e-4]
+    assert load_checkpoint(run / "last.npz").optimizer_state["lr"] == 2e-4  # floored at min_lr
+    assert load_checkpoint(run / "best.npz").meta["epoch"] == 1  # the only improvement
+    es = load_checkpoint(run / "last.npz").meta["callbacks"]["early_stopping"]
+    assert es["stop_training"] and es["stopped_epoch"] == 3
+
+
+# --------------------------------------------------------------------------------------------
+# Stops: NaN loss, Ctrl-C
+# --------------------------------------------------------------------------------------------
+
+def test_a_nan_loss_stops_at_once_and_keeps_the_good_checkpoints(tiny_data, tmp_path, monkeypatch):
+    real = training.binary_crossentropy
+    calls = {"n": 0}
+
+    def poisoned(logits, target):
+        calls["n"] += 1
+        loss, dlogits = real(logits, target)
+        # epoch 1: 5 training batches + 1 validation batch; call 8 is epoch 2, batch 2
+        return (loss * np.nan if calls["n"] == 8 else loss), dlogits
+
+    monkeypatch.setattr(training, "binary_crossentropy", poisoned)
+    run = tmp_path / "nan"
+    with pytest.raises(TrainingDiverged) as err:
+        train(tiny(tiny_data, run, epochs=5))
+    message = str(err.value)
+    assert "epoch 2, batch 2 of 5" in message and "nan" in message
+    assert "last.npz holds epoch 1" in message and "--lr" in message
+    assert calls["n"] == 8  # stopped at once
+    assert load_checkpoint(run / "best.npz").meta["epoch"] == 1
+    assert load_checkpoint(run / "last.npz").meta["epoch"] == 1
+    assert len(read_history(run)) == 1
+
+
+def test_ctrl_c_leaves_a_resumable_run(tiny_data, tmp_path, monkeypatch):
+    real = training.evaluate
+    calls = {"n": 0}
+
+    def interrupted(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(training, "evaluate", interrupted)
+    run = tmp_path / "ctrl-c"
+    with pytest.raises(TrainingInterrupted) as err:
+        train(tiny(tiny_data, run, epochs=3))
+    assert isinstance(err.value, KeyboardInterrupt)
+    assert "holds epoch 1" in str(err.value) and f"--resume {run}" in str(err.value)
+    assert load_checkpoint(run / "last.npz").meta["epoch"] == 1
+
+    monkeypatch.setattr(training, "evaluate", real)
+    train(build_config({"resume": str(run)}))
+    straight = train(tiny(tiny_data, tmp_path / "straight", epochs=3))
+    assert_same_arrays(params_of(run / "last.npz"), params_of(straight / "last.npz"))
+
+
+# --------------------------------------------------------------------------------------------
+# Settings: defaults, validation, resume checks
+# --------------------------------------------------------------------------------------------
+
+def test_quick_defaults_apply_only_to_the_synthetic_set(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    quick = build_config({"epochs": 3})
+    assert quick.preset == "quick" and quick.data is None and quick.epochs == 3
+    for key, value in QUICK.items():
+        if key != "epochs":
+            assert getattr(quick, key) == value
+    (tmp_path / "data" / "tgs-salt").mkdir(parents=True)
+    recipe = build_config({})
+    assert recipe.preset == "recipe" and recipe.data == str(Path("data/tgs-salt"))
+    assert recipe == TrainConfig(data=recipe.data)
+    assert build_config({"data": "elsewhere"}) == TrainConfig(data="elsewhere")
+
+
+def test_the_synthetic_set_is_generated_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(training, "SYNTHETIC_SIZE", {"n_train": 6, "n_test": 2})
+    said = []
+    path = training.resolve_data(TrainConfig(), said.append)
+    assert path == training.SYNTHETIC_DIR and len(list((tmp_path / path / "train/images").iterdir())) == 6
+    stamp = (tmp_path / path / "train.csv").stat().st_mtime_ns
+    assert training.resolve_data(TrainConfig(), said.append) == path
+    assert (tmp_path / path / "train.csv").stat().st_mtime_ns == stamp
+    assert len(said) == 2  # "generating ..." and "done" once
+
+
+@pytest.mark.parametrize("settings, flag", [
+    ({"batch_size": 0}, "--batch-size"),
+    ({"epochs": -1}, "--epochs"),
+    ({"epochs": 0}, "--epochs"),
+    ({"val_split": 1.0}, "--val-split"),
+    ({"val_split": 0}, "--val-split"),
+    ({"lr": 0.0}, "--lr"),
+    ({"lr": float("nan")}, "--lr"),
+    ({"features": 0}, "--features"),
+    ({"depth": 0}, "--depth"),
+    ({"input_size": 30}, "--input-size"),
+    ({"fit": "crop"}, "--fit"),
+    ({"patience": -1}, "--patience"),
+    ({"lr_factor": 1.5}, "--lr-factor"),
+    ({"min_lr": -1.0}, "--min-lr"),
+    ({"limit": 1}, "--limit"),
+    ({"dropout": (0.5,)}, "--dropout 0.5 "),
+    ({"dropout": (0.5, 1.0)}, "--dropout 0.5,1 "),
+])
+def test_invalid_settings_are_one_line_errors(tmp_path, settings, flag):
+    config = replace_tiny(tmp_path, **settings)
+    with pytest.raises(ConfigError) as err:
+        train(config)
+    assert flag in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def replace_tiny(tmp_path: Path, **settings) -> TrainConfig:
+    from dataclasses import replace
+
+    return replace(TrainConfig(data=str(tmp_path / "no-data"), out=str(tmp_path / "out"), **TINY), **settings)
+
+
+def test_output_folder_problems(tiny_data, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="cannot write to the output folder"):
+        train(tiny(tiny_data, blocker / "run"))
+    with pytest.raises(ConfigError, match="is a file"):
+        train(tiny(tiny_data, blocker))
+    run = train(tiny(tiny_data, tmp_path / "taken", epochs=1))
+    with pytest.raises(ConfigError, match="already holds a run.*--resume"):
+        train(tiny(tiny_data, run, epochs=1))
+
+
+def test_missing_data_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        train(build_config({"data": str(tmp_path / "nowhere"), "out": str(tmp_path / "run"), **TINY}))
+
+
+def test_resume_checks(tiny_data, tmp_path):
+    with pytest.raises(CheckpointError, match="no such run folder"):
+        build_config({"resume": str(tmp_path / "nothing")})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no last.npz"):
+        build_config({"resume": str(tmp_path / "empty")})
+    run = train(tiny(tiny_data, tmp_path / "run", epochs=1))
+    with pytest.raises(ConfigError, match="--features 4 differs .*features=2"):
+        train(build_config({"resume": str(run), "features": 4}))
+    with pytest.raises(ConfigError, match="--out"):
+        train(build_config({"resume": str(run), "out": str(tmp_path / "other")}))
+    other = generate(tmp_path / "other-data", n_train=10, n_test=1, seed=5)
+    with pytest.raises(DataError, match="not the data the run"):
+        train(build_config({"resume": str(run), "data": str(other), "epochs": 2}))
+    (run / "last.npz").write_bytes(b"not a zip")
+    with pytest.raises(CheckpointError):
+        build_config({"resume": str(run)})
+
+
+# --------------------------------------------------------------------------------------------
+# Real data (optional)
+# --------------------------------------------------------------------------------------------
+
+def _real_data() -> Path | None:
+    env = os.environ.get("TINYUNET_TGS_DATA")
+    path = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tgs-salt"
+    return path if path.is_dir() else None
+
+
+@pytest.mark.skipif(_real_data() is None, reason="real TGS data not found (../shared/data/tgs-salt or "
+                    "$TINYUNET_TGS_DATA)")
+def test_one_epoch_on_a_real_subset(tmp_path):
+    run = train(build_config({"data": str(_real_data()), "out": str(tmp_path / "real"), "limit": 16, **TINY,
+                              "epochs": 1}))
+    meta = load_checkpoint(run / "best.npz").meta
+    assert meta["data"]["path"] == str(_real_data().resolve()) and 0 <= meta["best_threshold"] <= 1

@@ -1,0 +1,697 @@
+"""The training loop behind ``train.py``: the seed recipe, from the data folder to a run folder.
+
+    config = build_config({"epochs": 10})   # the flags given; the rest from the defaults below
+    run = train(config)                      # -> Path of the run folder
+
+One epoch, as the recipe has it::
+
+    shuffle the (flip-doubled) training part with rng([seed, epoch]); reseed dropout with (seed, epoch)
+    for each minibatch:  logits = model.forward(x, train=True)          dropout on
+                         loss, dlogits = binary_crossentropy(logits, y)
+                         model.backward(dlogits); adam.step(model.grads)
+    validation: loss and pixel accuracy at the network's size, the competition score at threshold 0.5
+                on the probabilities brought back to the images' own size
+    callbacks, in Keras's order: EarlyStopping, ModelCheckpoint (best.npz), ReduceLROnPlateau
+    last.npz (everything --resume needs), history.csv
+
+After the last epoch (or an early stop) the weights of best.npz predict the validation set, 50
+thresholds are swept with the competition metric, and the best one goes into best.npz's metadata,
+which is what predict.py uses. Then the plots and a summary.
+
+The run folder::
+
+    runs/<name>/  best.npz  last.npz  history.csv
+                  learning_curves.png  threshold_sweep.png  val_predictions.png  coverage.png
+    runs/latest   the newest run folder's path relative to runs/, written when a run starts (a run
+                  folder outside runs/ gets the file in its own parent folder)
+
+Exact resume: every random draw is a function of (seed, epoch): the initial weights of the seed, the
+shuffle of ``np.random.default_rng([seed, epoch])`` and the dropout masks of
+``model.reseed_dropout((seed, epoch))``. last.npz holds the weights, Adam's moments and step, the
+callbacks' counters and the history, so 2 epochs + ``--resume`` 2 more give, on the CPU, bit for bit
+the weights of 4 epochs straight.
+
+The data arrays go to the model's device once, before the first epoch; batches are gathered there, so
+no step copies between host and device. Numbers reach the host only at a sync (every step on the
+CPU, where it is free; every ``GPU_SYNC_EVERY`` steps on a GPU), where the losses since the last sync
+are checked: a NaN or infinite loss stops training at once, naming the epoch and the batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tinyunet.backend import as_array, as_numpy
+from tinyunet.callbacks import EarlyStopping, ModelCheckpoint, ReduceLROnPlateau
+from tinyunet.checkpoint import CheckpointError, check_compatible, load_checkpoint, save_checkpoint
+from tinyunet.data import (DataError, augment_hflip, check_finite, coverage, coverage_class,
+                           fingerprint, load_train, minibatches, stratified_split)
+from tinyunet.layers import sigmoid
+from tinyunet.losses import binary_crossentropy, pixel_accuracy
+from tinyunet.metrics import best_threshold, competition_score, threshold_sweep
+from tinyunet.optim import Adam
+from tinyunet.pipeline import FITS, from_network, probabilities, to_network
+from tinyunet.unet import UNet
+
+# --------------------------------------------------------------------------------------------
+# Every default in one place
+# --------------------------------------------------------------------------------------------
+
+DROPOUT = (0.25, 0.3, 0.4, 0.5)  # the recipe's dropout per level, top level first
+
+
+@dataclass
+class TrainConfig:
+    """Every training setting, with the seed recipe's values as defaults."""
+
+    data: str | None = None  # folder or zip in Kaggle's layout; None: ./data/... or the synthetic set
+    gpu: bool = False  # train on CuPy
+    epochs: int = 40  # total epochs (a resumed run counts the ones already done)
+    batch_size: int = 8
+    features: int = 8  # filters at the top level, doubled per level down
+    depth: int = 4  # levels down (and up)
+    dropout: tuple[float, ...] | None = None  # per level; None: DROPOUT, cut (or extended with its last) to depth
+    lr: float = 1e-3  # Adam's learning rate
+    val_split: float = 0.2  # validation share, stratified by coverage class
+    seed: int = 0  # weights, split, shuffles, dropout: all drawn from it
+    out: str | None = None  # run folder; None: runs/<YYYYmmdd-HHMMSS>
+    resume: str | None = None  # a run folder (or its last.npz) to continue
+    fit: str = "resize"  # how images meet the network: "resize" to input_size, or reflect-"pad"
+    input_size: int = 128  # network input side with fit="resize"; a multiple of 2**depth
+    patience: int = 7  # EarlyStopping on val_loss
+    lr_patience: int = 5  # ReduceLROnPlateau on val_loss
+    lr_factor: float = 0.1
+    min_lr: float = 1e-5
+    flip: bool = True  # add the left-right mirror of every training image (doubles the part)
+    limit: int | None = None  # use only this many training images (a random subset by seed)
+    preset: str = "recipe"  # which defaults apply: "recipe", or "quick" (the built-in synthetic set)
+    progress: bool = True  # tqdm bar (it hides itself when the output is not a terminal)
+    plots: bool = True  # write the PNGs after training
+
+
+# The quick run: `python train.py` with no data on the machine trains on the built-in synthetic set with
+# these settings (flags override them): under 10 minutes on 2 CPU cores, validation score >= 0.80.
+QUICK: dict[str, Any] = {"epochs": 12, "limit": 480, "fit": "pad", "patience": 4, "lr_patience": 3}
+
+SYNTHETIC_DIR = Path("data/synthetic")  # generated here (once) when no data is found
+SYNTHETIC_SIZE = {"n_train": 1000, "n_test": 200}  # images written into SYNTHETIC_DIR
+REAL_DATA = (Path("data/tgs-salt-identification-challenge.zip"), Path("data/tgs-salt"))  # looked for first
+RUNS_DIR = Path("runs")  # default parent of the run folders
+HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "val_score", "lr", "seconds")
+EVAL_BATCH = 32  # images per forward pass when validating
+GPU_SYNC_EVERY = 20  # steps between host syncs on a GPU (progress bar, NaN check)
+
+# Settings that decide the model, the split or the geometry: a resumed run must keep them.
+FIXED_ON_RESUME = ("features", "depth", "dropout", "fit", "input_size", "val_split", "seed", "flip", "limit")
+
+
+class ConfigError(ValueError):
+    """A setting has a value training cannot use; the message is one line saying which and why."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message names the epoch and batch and the last good files."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says what was saved and how to resume."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# --------------------------------------------------------------------------------------------
+# Building and checking a config
+# --------------------------------------------------------------------------------------------
+
+def flag(name: str) -> str:
+    """The command-line spelling of a config field: ``batch_size`` -> ``--batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
+def found_data() -> Path | None:
+    """The competition zip or folder under ./data, if one is there."""
+    return next((path for path in REAL_DATA if path.exists()), None)
+
+
+def build_config(given: Mapping[str, Any] | None = None) -> TrainConfig:
+    """A config from the settings ``given`` (field name -> value); the others come from the defaults.
+
+    * With ``resume``: the run's own settings (from its last.npz), then the given ones on top.
+    * Without ``data``: the competition data under ./data when there, with the recipe's defaults;
+      otherwise the built-in synthetic set with :data:`QUICK` over the recipe's defaults.
+    """
+    given = {key: value for key, value in (given or {}).items() if value is not None}
+    unknown = set(given) - {f.name for f in fields(TrainConfig)}
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(sorted(unknown))}")
+    if "dropout" in given:
+        given["dropout"] = tuple(given["dropout"])
+    if given.get("resume"):
+        _, checkpoint = open_resume(given["resume"])
+        saved = config_from_args(checkpoint.meta.get("args"), checkpoint.path)
+        return replace(saved, **{"out": None, **given})  # the run continues in its own folder
+    if given.get("data") is None:
+        real = found_data()
+        if real is not None:
+            given["data"] = str(real)
+        else:
+            return replace(TrainConfig(), **{**QUICK, "preset": "quick", **given})
+    return replace(TrainConfig(), **given)
+
+
+def config_from_args(args: Any, where: Path) -> TrainConfig:
+    """The TrainConfig stored in a checkpoint's ``meta["args"]``."""
+    if not isinstance(args, dict):
+        raise CheckpointError(f"{where} holds no training settings (meta 'args'); it was not written by "
+                              "train.py: start a new run instead of resuming")
+    known = {f.name for f in fields(TrainConfig)}
+    values = {key: value for key, value in args.items() if key in known}
+    if isinstance(values.get("dropout"), list):
+        values["dropout"] = tuple(values["dropout"])
+    return replace(TrainConfig(), **values)
+
+
+def dropout_rates(config: TrainConfig) -> tuple[float, ...]:
+    """The dropout rate of each level: the config's, or :data:`DROPOUT` fitted to the depth."""
+    if config.dropout is not None:
+        return tuple(float(rate) for rate in config.dropout)
+    return tuple(DROPOUT[min(level, len(DROPOUT) - 1)] for level in range(config.depth))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def validate(config: TrainConfig) -> None:
+    """Raise ConfigError (one line, naming the flag) for the first setting training cannot use."""
+
+    def need(ok: bool, name: str, rule: str) -> None:
+        if not ok:
+            raise ConfigError(f"{flag(name)} {getattr(config, name)!r} is invalid: {rule}")
+
+    for name in ("epochs", "batch_size", "features", "depth"):
+        need(_is_int(getattr(config, name)) and getattr(config, name) >= 1, name, "it must be a whole number >= 1")
+    need(config.depth <= 8, "depth", "it must be at most 8 (the image is halved at every level)")
+    for name in ("lr", "val_split", "lr_factor", "min_lr"):
+        need(_is_number(getattr(config, name)) and math.isfinite(getattr(config, name)), name, "it must be a number")
+    need(config.lr > 0, "lr", "the learning rate must be > 0, e.g. 1e-3")
+    need(0 < config.val_split < 1, "val_split", "the validation share must be between 0 and 1, e.g. 0.2")
+    for name in ("patience", "lr_patience"):
+        need(_is_int(getattr(config, name)) and getattr(config, name) >= 0, name, "it must be a whole number >= 0")
+    need(0 < config.lr_factor < 1, "lr_factor", "it must be between 0 and 1, e.g. 0.1")
+    need(config.min_lr >= 0, "min_lr", "it must be >= 0")
+    need(_is_int(config.seed) and config.seed >= 0, "seed", "it must be a whole number >= 0")
+    need(config.fit in FITS, "fit", f"choose one of {', '.join(FITS)}")
+    need(_is_int(config.input_size) and config.input_size >= 1, "input_size", "it must be a whole number >= 1")
+    step = 2 ** config.depth
+    if config.fit == "resize" and config.input_size % step:
+        nearest = max(step, step * round(config.input_size / step))
+        raise ConfigError(f"--input-size {config.input_size} is invalid: with --depth {config.depth} it must be "
+                          f"a multiple of 2**depth = {step}, e.g. {nearest}")
+    need(config.limit is None or (_is_int(config.limit) and config.limit >= 2), "limit",
+         "it must be a whole number >= 2 (a training and a validation image at least)")
+    rates = dropout_rates(config)
+    if len(rates) != config.depth or not all(0 <= rate < 1 for rate in rates):
+        shown = ",".join(f"{rate:g}" for rate in rates)
+        raise ConfigError(f"--dropout {shown} is invalid: give one rate in [0, 1) per level, comma-separated "
+                          f"({config.depth} at --depth {config.depth})")
+    need(config.preset in ("recipe", "quick"), "preset", "it must be 'recipe' or 'quick'")
+
+
+# --------------------------------------------------------------------------------------------
+# The run folder
+# --------------------------------------------------------------------------------------------
+
+def open_resume(path: str | os.PathLike):
+    """``(run folder, last.npz Checkpoint)`` of the run to resume; CheckpointError when there is none."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".npz":
+        path = path.parent
+    if not path.is_dir():
+        raise CheckpointError(f"--resume {path}: no such run folder; give a folder written by train.py "
+                              f"(it holds last.npz), e.g. {RUNS_DIR}/<name>")
+    last = path / "last.npz"
+    if not last.is_file():
+        raise CheckpointError(f"--resume {path}: the folder has no last.npz (it is saved after every epoch), so "
+                              "there is nothing to resume; start a new run")
+    return path, load_checkpoint(last)
+
+
+def _new_run_folder() -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run = RUNS_DIR / stamp
+    n = 2
+    while run.exists():
+        run = RUNS_DIR / f"{stamp}-{n}"
+        n += 1
+    return run
+
+
+def prepare_run_folder(out: str | os.PathLike | None, resuming: bool) -> Path:
+    """Create (or check) the run folder and prove it writable; ConfigError when it is not."""
+    run = Path(out) if out is not None else _new_run_folder()
+    if run.exists() and not run.is_dir():
+        raise ConfigError(f"--out {run} is a file, not a folder: choose a folder for the run")
+    if not resuming and (run / "last.npz").exists():
+        raise ConfigError(f"--out {run} already holds a run (last.npz): continue it with --resume {run}, "
+                          "or choose another --out")
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        probe = run / f".write-test-{os.getpid()}-{secrets.token_hex(4)}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"cannot write to the output folder {run} ({err.strerror or err}): "
+                          "choose another --out") from None
+    return run
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_latest(run: Path) -> Path:
+    """Write ``runs/latest`` holding the run folder's path relative to ``runs/``, for predict.py.
+
+    A run folder outside ./runs gets the ``latest`` file in its own parent folder instead.
+    """
+    runs = RUNS_DIR.resolve()
+    where = run.resolve()
+    home = runs if where.is_relative_to(runs) and where != runs else where.parent
+    latest = home / "latest"
+    _write_text_atomic(latest, where.relative_to(home).as_posix() + "\n")
+    return latest
+
+
+def write_history(path: Path, history: list[dict]) -> None:
+    """history.csv, one row per epoch, rewritten whole (atomically) after every epoch."""
+    lines = [",".join(HISTORY_COLUMNS)]
+    lines += [",".join(repr(row[column]) for column in HISTORY_COLUMNS) for row in history]
+    _write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+def resolve_data(config: TrainConfig, say) -> Path:
+    """The data path to train on; generates the synthetic set into ./data/synthetic when needed."""
+    if config.data is not None:
+        return Path(config.data)
+    real = found_data()
+    if real is not None:
+        return real
+    if not SYNTHETIC_DIR.exists():
+        from tinyunet.synth import generate  # only when the synthetic set is needed
+
+        say(f"no data given and none under ./data: generating the built-in synthetic set "
+            f"({SYNTHETIC_SIZE['n_train']} training + {SYNTHETIC_SIZE['n_test']} test images) into "
+            f"{SYNTHETIC_DIR} ...")
+        started = time.perf_counter()
+        generate(SYNTHETIC_DIR, **SYNTHETIC_SIZE)
+        say(f"  done in {time.perf_counter() - started:.1f}s")
+    return SYNTHETIC_DIR
+
+
+@dataclass
+class Prepared:
+    """The data of a run, split, fitted to the network and (for training) on the model's device."""
+
+    ids: list[str]  # every image used, sorted
+    fingerprint: str
+    train_idx: np.ndarray  # indices into ids
+    val_idx: np.ndarray
+    x_train: Any  # (2N or N, S, S', 1) on the device, flips appended
+    y_train: Any  # (.., S, S', 1) soft targets in [0, 1]
+    x_val: Any  # (M, S, S', 1) on the device
+    y_val: Any
+    box: Any  # what undoes the fit (pad: the crop box; resize: None)
+    val_images: Any  # (M, H, W) at the original size, on the device
+    val_truth: Any  # (M, H, W) bool on the device
+    coverage: np.ndarray = field(repr=False)  # (N,) of every image used
+
+
+def prepare_data(config: TrainConfig, path: Path, xp, dtype) -> Prepared:
+    """Load, check, subset, split, fit and move the data to the device (once)."""
+    data = load_train(path)
+    ids, images, masks = data.ids, data.images, data.masks
+    if config.limit is not None and config.limit < len(ids):
+        keep = np.sort(np.random.default_rng(config.seed).choice(len(ids), config.limit, replace=False))
+        ids, images, masks = [ids[i] for i in keep], images[keep], masks[keep]
+    check_finite(images, f"the images of {path}")
+    if len(ids) < 2:
+        raise DataError(f"{path} holds {len(ids)} training image(s): training needs at least 2 "
+                        "(one for training, one for validation)")
+    cov = coverage(masks)
+    train_idx, val_idx = stratified_split(coverage_class(cov), config.val_split, config.seed)
+    x_train, box = to_network(images[train_idx], config.fit, config.input_size, config.depth)  # (N, S, S', 1)
+    y_train, _ = to_network(masks[train_idx], config.fit, config.input_size, config.depth)
+    if config.flip:
+        x_train, y_train = augment_hflip(x_train, y_train)  # (2N, S, S', 1): originals, then mirrors
+    x_val, _ = to_network(images[val_idx], config.fit, config.input_size, config.depth)
+    y_val, _ = to_network(masks[val_idx], config.fit, config.input_size, config.depth)
+
+    def dev(a):
+        return as_array(np.ascontiguousarray(a, dtype=dtype), xp)
+
+    return Prepared(ids=ids, fingerprint=fingerprint(ids, images, masks), train_idx=train_idx, val_idx=val_idx,
+                    x_train=dev(x_train), y_train=dev(y_train), x_val=dev(x_val), y_val=dev(y_val), box=box,
+                    val_images=dev(images[val_idx]), val_truth=as_array(masks[val_idx] > 0.5, xp), coverage=cov)
+
+
+# --------------------------------------------------------------------------------------------
+# One epoch, validation
+# --------------------------------------------------------------------------------------------
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    # disable=None: tqdm hides itself when stderr is not a terminal
+    return tqdm(total=total, desc=desc, unit="batch", leave=False, disable=None if enabled else True,
+                dynamic_ncols=True)
+
+
+def train_epoch(model, optimizer, x, y, config: TrainConfig, epoch: int) -> tuple[float, float]:
+    """One pass over the training part; returns (mean loss, mean pixel accuracy) over its images.
+
+    ``epoch`` counts from 0. Raises TrainingDiverged at the first non-finite loss found.
+    """
+    xp = model.xp
+    n = len(x)
+    rng = np.random.default_rng([config.seed, epoch])  # the shuffle of this epoch, whatever came before
+    model.reseed_dropout((config.seed, epoch))
+    batches = list(minibatches(n, config.batch_size, rng, shuffle=True))
+    order = as_array(np.concatenate(batches), xp)  # one small copy per epoch; batches are slices of it
+    sync_every = 1 if xp is np else GPU_SYNC_EVERY
+    loss_sum = xp.zeros((), dtype=xp.float64)  # sums stay on the device between syncs
+    acc_sum = xp.zeros((), dtype=xp.float64)
+    pending = []  # this chunk's batch losses, checked at the next sync
+    seen = 0
+    bar = _progress_bar(len(batches), f"epoch {epoch + 1}/{config.epochs}", config.progress)
+    try:
+        start = 0
+        for b, batch in enumerate(batches):
+            idx = order[start:start + len(batch)]
+            start += len(batch)
+            xb, yb = x[idx], y[idx]  # gathered on the device
+            logits = model.forward(xb, train=True)  # (B, S, S', 1)
+            loss, dlogits = binary_crossentropy(logits, yb)
+            pending.append(loss)
+            if len(pending) == sync_every or b == len(batches) - 1:
+                values = as_numpy(xp.stack(pending)) if len(pending) > 1 else np.array([float(loss)])
+                bad = np.flatnonzero(~np.isfinite(values))
+                if bad.size:
+                    raise TrainingDiverged(f"the training loss became {values[bad[0]]} at epoch {epoch + 1}, "
+                                           f"batch {b - len(pending) + 2 + int(bad[0])} of {len(batches)}")
+            model.backward(dlogits, input_grad=False)  # the images need no gradient
+            optimizer.step(model.grads)
+            loss_sum += loss * len(batch)
+            acc_sum += pixel_accuracy(logits, yb) * len(batch)
+            seen += len(batch)
+            if len(pending) == sync_every or b == len(batches) - 1:
+                pending = []
+                if not bar.disable:
+                    bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}", acc=f"{float(acc_sum) / seen:.4f}",
+                                    refresh=False)
+                bar.update(b + 1 - bar.n)
+    finally:
+        bar.close()
+    return float(loss_sum) / n, float(acc_sum) / n
+
+
+def evaluate(model, prep: Prepared, config: TrainConfig) -> tuple[float, float, float]:
+    """Validation (loss, pixel accuracy, competition score at threshold 0.5), no dropout.
+
+    Loss and accuracy are at the network's size, against the fitted masks (as Keras would see them);
+    the score is on the probabilities brought back to the original size, against the original masks.
+    """
+    xp = model.xp
+    n = len(prep.x_val)
+    size = prep.val_truth.shape[1:]
+    probs = xp.empty((n,) + size, dtype=model.dtype)  # (M, H, W)
+    loss_sum = xp.zeros((), dtype=xp.float64)
+    acc_sum = xp.zeros((), dtype=xp.float64)
+    for start in range(0, n, EVAL_BATCH):
+        xb, yb = prep.x_val[start:start + EVAL_BATCH], prep.y_val[start:start + EVAL_BATCH]
+        logits = model.forward(xb, train=False)
+        loss, _ = binary_crossentropy(logits, yb)
+        loss_sum += loss * len(xb)
+        acc_sum += pixel_accuracy(logits, yb) * len(xb)
+        probs[start:start + len(xb)] = from_network(sigmoid(logits), config.fit, prep.box, size)
+    score = competition_score(prep.val_truth, probs > xp.float32(0.5))
+    return float(loss_sum) / n, float(acc_sum) / n, score
+
+
+# --------------------------------------------------------------------------------------------
+# train()
+# --------------------------------------------------------------------------------------------
+
+def _say(message: str = "") -> None:
+    print(message, flush=True)
+
+
+def _check_resume(config: TrainConfig, checkpoint, run: Path) -> None:
+    """ConfigError unless ``config`` keeps every setting of the run that decides model, split and geometry."""
+    saved = config_from_args(checkpoint.meta.get("args"), checkpoint.path)
+    for name in FIXED_ON_RESUME:
+        ours, theirs = getattr(config, name), getattr(saved, name)
+        if (dropout_rates(config) != dropout_rates(saved)) if name == "dropout" else ours != theirs:
+            shown = dropout_rates(config) if name == "dropout" else ours
+            raise ConfigError(f"{flag(name)} {shown} differs from the run being resumed ({name}="
+                              f"{dropout_rates(saved) if name == 'dropout' else theirs} in {checkpoint.path}): "
+                              f"a resumed run keeps its model, split and geometry; drop {flag(name)}, "
+                              "or start a new run with another --out")
+    if config.out is not None and Path(config.out).resolve() != run.resolve():
+        raise ConfigError(f"--out {config.out} differs from --resume {run}: a resumed run continues in its own "
+                          "folder; drop --out")
+
+
+def _setup(config: TrainConfig, run: Path, resume_from):
+    """The model (with the resumed state), its optimizer, the history so far and the prepared data."""
+    rates = dropout_rates(config)
+    model = UNet(features=config.features, depth=config.depth, dropout=rates, seed=config.seed,
+                 dtype=np.float32, gpu=config.gpu)  # GPUUnavailableError here, before any data is read
+    xp = model.xp
+    optimizer = Adam(model.params, lr=config.lr)
+    history: list[dict] = []
+    if resume_from is not None:
+        shapes = {name: tuple(p.shape) for name, p in model.params.items()}
+        check_compatible(resume_from, shapes, {"features": config.features, "depth": config.depth})
+        model.load_params(resume_from.params)
+        if resume_from.optimizer_state is None:
+            raise CheckpointError(f"{resume_from.path} has no optimizer state, so the run cannot continue exactly; "
+                                  "start a new run")
+        optimizer.load_state_dict(resume_from.optimizer_state)
+        saved_args = resume_from.meta.get("args", {})
+        if config.lr != saved_args.get("lr", config.lr):  # --lr given on resume: the rate from now on
+            optimizer.lr = config.lr
+        history = list(resume_from.meta.get("history", []))
+
+    path = resolve_data(config, _say)
+    config = replace(config, data=str(Path(path).resolve()))
+    prep = prepare_data(config, path, xp, model.dtype)
+    if resume_from is not None:
+        saved_print = resume_from.meta.get("data", {}).get("fingerprint")
+        if saved_print != prep.fingerprint:
+            raise DataError(f"the data at {path} (fingerprint {prep.fingerprint}) is not the data the run in {run} "
+                            f"was trained on (fingerprint {saved_print}): give that run's data with --data, "
+                            "or start a new run")
+    return model, optimizer, history, prep, config
+
+
+def _describe(config: TrainConfig, run: Path, model, prep: Prepared, resumed_after: int | None) -> None:
+    """The few lines that say what this run is about to do."""
+    h, w = prep.val_truth.shape[1:]
+    s, s2 = prep.x_val.shape[1:3]
+    _say(f"run folder: {run}" + (f" (resuming after epoch {resumed_after})" if resumed_after is not None else ""))
+    _say(f"data: {config.data}, {len(prep.ids)} images {h}x{w} (fingerprint {prep.fingerprint})")
+    _say(f"split: {len(prep.train_idx)} train" + (f" (x2 with left-right flips = {len(prep.x_train)})"
+                                                  if config.flip else "")
+         + f", {len(prep.val_idx)} validation, stratified by coverage class (seed {config.seed})")
+    _say(f"model: U-Net features={config.features} depth={config.depth} dropout={model.config['dropout']}, "
+         f"{model.count_params():,} parameters; input {h}x{w} -> {s}x{s2} ({config.fit}); "
+         f"{'CPU (NumPy)' if model.xp is np else 'GPU (CuPy)'}")
+    if config.preset == "quick":
+        kept = [f"{key}={value}" for key, value in QUICK.items() if getattr(config, key) == value]
+        changed = [f"{key}={getattr(config, key)}" for key, value in QUICK.items() if getattr(config, key) != value]
+        _say("settings: QUICK defaults for the built-in synthetic set (" + ", ".join(kept) + ")"
+             + (f", overridden by flags: {', '.join(changed)}" if changed else "; flags override them")
+             + "; with --data the seed recipe's defaults apply")
+    _say(f"training: epochs={config.epochs} batch_size={config.batch_size} lr={config.lr}; early stopping "
+         f"patience {config.patience}; lr x{config.lr_factor} after {config.lr_patience} epochs without "
+         f"improvement (min {config.min_lr})")
+
+
+def train(config: TrainConfig) -> Path:
+    """Train as ``config`` says, write the run folder and return its path.
+
+    Raises ConfigError / DataError / CheckpointError / GPUUnavailableError for bad input (before any
+    file is written where possible), TrainingDiverged when the loss stops being finite, and
+    TrainingInterrupted on Ctrl-C; the checkpoints of finished epochs are never damaged.
+    """
+    wall_start = time.perf_counter()
+    validate(config)
+    resume_from = None
+    out = config.out
+    if config.resume:
+        out, resume_from = open_resume(config.resume)
+        _check_resume(config, resume_from, out)
+    created = out is None or not Path(out).exists()
+    run = prepare_run_folder(out, resuming=resume_from is not None)
+    try:
+        model, optimizer, history, prep, config = _setup(config, run, resume_from)
+    except BaseException:  # bad data, no GPU, Ctrl-C while reading: leave no empty run folder behind
+        if created and run.is_dir() and not any(run.iterdir()):
+            run.rmdir()
+        raise
+    write_latest(run)
+
+    _describe(config, run, model, prep, resumed_after=len(history) if resume_from is not None else None)
+
+    def meta(epoch: int) -> dict:
+        return {"model": dict(model.config), "fit": config.fit, "input_size": config.input_size, "epoch": epoch,
+                "best_threshold": None, "val_score": None,
+                "data": {"path": config.data, "fingerprint": prep.fingerprint},
+                "args": asdict(config), "history": list(history),
+                "callbacks": {name: cb.state_dict() for name, cb in callbacks.items()}, "seed": config.seed}
+
+    def save_best(epoch: int, logs: dict) -> None:
+        save_checkpoint(run / "best.npz", model.params, meta(epoch + 1))
+
+    callbacks = {
+        "early_stopping": EarlyStopping(patience=config.patience),
+        "model_checkpoint": ModelCheckpoint(save_best),
+        "reduce_lr": ReduceLROnPlateau(optimizer, factor=config.lr_factor, patience=config.lr_patience,
+                                       min_lr=config.min_lr),
+    }
+    if resume_from is not None:
+        for name, cb in callbacks.items():
+            state = resume_from.meta.get("callbacks", {}).get(name)
+            try:
+                if not isinstance(state, dict):
+                    raise ValueError(f"it has no {name} state")
+                cb.load_state_dict(state)
+            except (ValueError, TypeError) as err:
+                raise CheckpointError(f"{resume_from.path} cannot be resumed ({err}); start a new run") from None
+    if history:
+        write_history(run / "history.csv", history)
+
+    last_saved = len(history)  # epochs in last.npz
+    try:
+        with np.errstate(all="ignore"):  # a diverging loss is caught and reported below, not warned about
+            for epoch in range(len(history), config.epochs):
+                if callbacks["early_stopping"].stop_training:
+                    break
+                started = time.perf_counter()
+                lr = float(optimizer.lr)
+                try:
+                    loss, acc = train_epoch(model, optimizer, prep.x_train, prep.y_train, config, epoch)
+                    val_loss, val_acc, val_score = evaluate(model, prep, config)
+                    if not math.isfinite(val_loss):
+                        raise TrainingDiverged(f"the validation loss became {val_loss} after epoch {epoch + 1}")
+                except TrainingDiverged as err:
+                    raise TrainingDiverged(
+                        f"{err}; stopped. " + _saved_note(run, last_saved, history)
+                        + " Train again with a lower --lr (e.g. a tenth of this one)") from None
+                row = {"epoch": epoch + 1, "loss": loss, "accuracy": acc, "val_loss": val_loss,
+                       "val_accuracy": val_acc, "val_score": val_score, "lr": lr,
+                       "seconds": round(time.perf_counter() - started, 3)}
+                history.append(row)
+                logs = {k: v for k, v in row.items() if k not in ("epoch", "seconds")}
+                stop = callbacks["early_stopping"].on_epoch_end(epoch, logs)
+                saved = callbacks["model_checkpoint"].on_epoch_end(epoch, logs)
+                reduced = callbacks["reduce_lr"].on_epoch_end(epoch, logs)
+                save_checkpoint(run / "last.npz", model.params, meta(epoch + 1), optimizer.state_dict())
+                last_saved = epoch + 1
+                write_history(run / "history.csv", history)
+                notes = (["saved best.npz"] if saved else []) + \
+                        ([f"lr -> {optimizer.lr:.1e}"] if reduced else []) + (["early stop"] if stop else [])
+                _say(f"epoch {epoch + 1:3d}/{config.epochs}  loss {loss:.4f}  acc {acc:.4f}  val_loss {val_loss:.4f}  "
+                     f"val_acc {val_acc:.4f}  val_score {val_score:.4f}  lr {lr:.1e}  {row['seconds']:.1f}s"
+                     + (f"  [{', '.join(notes)}]" if notes else ""))
+                if stop:
+                    es = callbacks["early_stopping"]
+                    _say(f"early stopping: val_loss has not improved for {es.wait} epochs "
+                         f"(best {es.best:.4f} at epoch {es.best_epoch + 1})")
+                    break
+            summary = finish(model, prep, config, run, history)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted("interrupted (Ctrl-C); " + _saved_note(run, last_saved, history)
+                                  + f" Continue with: python train.py --resume {run}") from None
+    best_epoch, val_loss, threshold, score = summary
+    minutes, seconds = divmod(time.perf_counter() - wall_start, 60)
+    _say(f"done in {int(minutes)}m{seconds:04.1f}s: best epoch {best_epoch} (val_loss {val_loss:.4f}), "
+         f"best threshold {threshold:.3f}, validation competition score {score:.4f}")
+    _say(f"run folder: {run}  (best.npz for predict.py, history.csv, plots)")
+    return run
+
+
+def _saved_note(run: Path, last_saved: int, history: list[dict]) -> str:
+    """Which epoch the files on disk hold, in words."""
+    if last_saved == 0:
+        return "no epoch had finished, so nothing was saved."
+    best = run / "best.npz"
+    best_epoch = None
+    if best.exists():
+        try:
+            best_epoch = load_checkpoint(best).meta.get("epoch")
+        except CheckpointError:
+            best_epoch = None
+    return (f"{run / 'last.npz'} holds epoch {last_saved}"
+            + (f", {best} epoch {best_epoch}" if best_epoch is not None else "") + ".")
+
+
+def finish(model, prep: Prepared, config: TrainConfig, run: Path, history: list[dict]):
+    """Best weights -> validation probabilities -> threshold sweep -> best.npz's meta -> plots.
+
+    Returns ``(best epoch, its val_loss, best threshold, validation score at it)``.
+    """
+    best = load_checkpoint(run / "best.npz")
+    model.load_params(best.params)
+    probs = probabilities(model, prep.val_images, config.fit, config.input_size, batch_size=EVAL_BATCH)
+    thresholds, scores = threshold_sweep(prep.val_truth, probs)
+    threshold, score = best_threshold(thresholds, scores)
+    meta = dict(best.meta)
+    meta.update(best_threshold=threshold, val_score=score,
+                threshold_sweep={"thresholds": [float(t) for t in thresholds], "scores": [float(s) for s in scores]})
+    save_checkpoint(run / "best.npz", best.params, meta, best.optimizer_state)
+    best_epoch = int(meta["epoch"])
+    val_loss = next((row["val_loss"] for row in history if row["epoch"] == best_epoch), float("nan"))
+
+    if not config.plots:
+        return best_epoch, val_loss, threshold, score
+    from tinyunet import plots  # matplotlib: only now
+
+    images = as_numpy(prep.val_images)
+    probs_np = as_numpy(probs)
+    ids = [prep.ids[i] for i in prep.val_idx]
+    plots.learning_curves(history, run / "learning_curves.png")
+    plots.threshold_curve(thresholds, scores, threshold, run / "threshold_sweep.png")
+    plots.prediction_grid(images, probs_np, probs_np > np.float32(threshold), run / "val_predictions.png",
+                          truths=as_numpy(prep.val_truth), ids=ids)
+    plots.coverage_histogram(prep.coverage[prep.train_idx], prep.coverage[prep.val_idx], run / "coverage.png")
+    return best_epoch, val_loss, threshold, score

@@ -1,0 +1,141 @@
+"""Train the U-Net: python train.py [--data PATH] [flags]; python train.py --help for every flag.
+
+With no --data, ./data/tgs-salt-identification-challenge.zip or ./data/tgs-salt/ is used when present
+(seed-recipe defaults); otherwise the built-in synthetic set, generated once into ./data/synthetic/,
+with the QUICK defaults (a few minutes on a laptop CPU). Every flag overrides either set of defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tinyunet.pipeline import FITS
+from tinyunet.training import QUICK, TrainConfig, build_config, flag
+
+EXIT_USAGE = 2  # bad input a user can fix (flags, data, checkpoints, GPU)
+EXIT_DIVERGED = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+
+
+def _default(name: str) -> str:
+    """'(default: 40; quick: 12)': the recipe's default, and the quick run's when it differs."""
+    value = getattr(TrainConfig(), name)
+    text = f"default: {value}"
+    if name in QUICK:
+        text += f"; quick run on the synthetic set: {QUICK[name]}"
+    return f"({text})"
+
+
+def _rates(text: str) -> tuple[float, ...]:
+    """'0.25,0.3,0.4,0.5' -> (0.25, 0.3, 0.4, 0.5)."""
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of rates, "
+                                         "e.g. 0.25,0.3,0.4,0.5") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (no usage block) and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"error: {message} (see python train.py --help)\n")
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[dict, bool]:
+    """The flags actually given, as TrainConfig field -> value, and --debug."""
+    quick = ", ".join(f"{flag(key)} {value}" for key, value in QUICK.items())
+    parser = _Parser(
+        prog="train.py",
+        description="Train the seed U-Net for binary segmentation (the TGS Salt recipe) and write a run "
+                    "folder: best.npz, last.npz, history.csv and plots.",
+        epilog="Defaults: the seed recipe (Adam 1e-3, batch 8, 40 epochs, resize 101->128, early stopping 7, "
+               "reduce LR x0.1 after 5, min 1e-5). With no --data and no data under ./data, the built-in "
+               f"synthetic set is generated into ./data/synthetic and the QUICK defaults apply: {quick} "
+               "(a 480-image subset of 1000, reflect-padding 101->112); any flag overrides them.",
+        argument_default=argparse.SUPPRESS,  # only flags actually given reach build_config
+    )
+    parser.add_argument("--data", help="folder in Kaggle's layout (train/images, train/masks, train.csv, "
+                        "test/images) or the competition's zip; default: ./data/tgs-salt-identification-"
+                        "challenge.zip or ./data/tgs-salt if present, else the built-in synthetic set")
+    parser.add_argument("--gpu", action="store_true", help="train on the GPU with CuPy (default: CPU, NumPy)")
+    parser.add_argument("--epochs", type=int, help=f"total number of epochs, counting those a resumed run "
+                        f"already did {_default('epochs')}")
+    parser.add_argument("--batch-size", type=int, help=f"images per training step {_default('batch_size')}")
+    parser.add_argument("--features", type=int, help=f"filters of the top level, doubled per level down "
+                        f"{_default('features')}")
+    parser.add_argument("--depth", type=int, help=f"levels down and up {_default('depth')}")
+    parser.add_argument("--dropout", type=_rates, metavar="RATES", help="dropout rate per level, top level "
+                        "first, comma-separated, one per level (default: 0.25,0.3,0.4,0.5 at depth 4; other "
+                        "depths cut it, or extend it with 0.5)")
+    parser.add_argument("--lr", type=float, help=f"Adam's learning rate {_default('lr')}; on --resume it "
+                        "replaces the saved rate")
+    parser.add_argument("--val-split", type=float, help=f"validation share, stratified by coverage class, "
+                        f"in (0, 1) {_default('val_split')}")
+    parser.add_argument("--seed", type=int, help=f"seed of the weights, split, shuffles and dropout "
+                        f"{_default('seed')}")
+    parser.add_argument("--out", help="run folder to write (default: runs/<YYYYmmdd-HHMMSS>); its parent "
+                        "gets a 'latest' file naming it")
+    parser.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN from its last.npz, "
+                        "exactly where it stopped (its settings are reused; --epochs may raise the total)")
+    parser.add_argument("--fit", choices=FITS, help=f"how images meet the network: 'resize' to --input-size "
+                        f"or reflect-'pad' to a multiple of 2**depth {_default('fit')}")
+    parser.add_argument("--input-size", type=int, help=f"network input side for --fit resize, a multiple of "
+                        f"2**depth {_default('input_size')}")
+    parser.add_argument("--patience", type=int, help=f"early stopping: epochs without a better val_loss "
+                        f"{_default('patience')}")
+    parser.add_argument("--lr-patience", type=int, help=f"reduce the learning rate after this many epochs "
+                        f"without a better val_loss {_default('lr_patience')}")
+    parser.add_argument("--lr-factor", type=float, help=f"factor of that reduction, in (0, 1) "
+                        f"{_default('lr_factor')}")
+    parser.add_argument("--min-lr", type=float, help=f"the learning rate's floor {_default('min_lr')}")
+    parser.add_argument("--no-flip", dest="flip", action="store_false", help="do not add left-right mirrored "
+                        "copies of the training images (default: add them, doubling the training part)")
+    parser.add_argument("--limit", type=int, help="train on a random subset of this many images (by --seed) "
+                        f"(default: all; quick run on the synthetic set: {QUICK.get('limit')})")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bar (it also hides itself when the output is not a terminal)")
+    parser.add_argument("--no-plots", dest="plots", action="store_false",
+                        help="skip the PNG plots after training (default: write them)")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    args = vars(parser.parse_args(argv))
+    debug = args.pop("debug", False)
+    return args, debug
+
+
+def main(argv: list[str] | None = None) -> int:
+    given, debug = parse_args(argv)
+    # Imported after parsing, so --help stays fast and light.
+    from tinyunet.backend import GPUUnavailableError
+    from tinyunet.checkpoint import CheckpointError
+    from tinyunet.data import DataError
+    from tinyunet.training import ConfigError, TrainingDiverged, TrainingInterrupted, train
+
+    try:
+        train(build_config(given))
+    except (ConfigError, DataError, CheckpointError, GPUUnavailableError) as err:
+        if debug:
+            raise
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return EXIT_USAGE
+    except TrainingDiverged as err:
+        if debug:
+            raise
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except TrainingInterrupted as err:
+        if debug:
+            raise
+        print(f"\n{err}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # before training started (e.g. while reading the data)
+        if debug:
+            raise
+        print("\ninterrupted (Ctrl-C) before training started; no checkpoint was written or changed", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
