@@ -108,6 +108,20 @@ class Conv2D:
             return None
         return valid(dx_rows, n, hp, wp, top + h, left + w)[:, top:, left:]  # (N, H, W, C)
 
+    # --- study mode: shape and cost from the input shape alone (UNet.summary, tinyunet.inspect) ---
+
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """(N, H, W, C) -> (N, H, W, F): 'same' padding and stride 1 keep H and W."""
+        n, h, w, _ = input_shape
+        return (n, h, w, self.params["W"].shape[3])
+
+    def flops(self, input_shape: tuple[int, ...]) -> int:
+        """2*N*H*W*KH*KW*C*F: a multiply and an add per weight per output pixel (the bias is not
+        counted, nor the padded rows that :func:`valid` drops)."""
+        n, h, w, c = input_shape
+        kh, kw, _, f = self.params["W"].shape
+        return 2 * n * h * w * kh * kw * c * f
+
 
 class Conv2DTranspose:
     """A transposed ("up-") convolution whose kernel equals its stride: each input pixel paints
@@ -166,6 +180,18 @@ class Conv2DTranspose:
         dx = drows @ self._w_rows().T  # (N*H*W, C): a stride-k conv of dout by W
         return dx.reshape(n, oh // k, ow // k, c)
 
+    # --- study mode: shape and cost from the input shape alone (UNet.summary, tinyunet.inspect) ---
+
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """(N, H, W, C) -> (N, k*H, k*W, F): every input pixel paints a k x k block."""
+        n, h, w, _ = input_shape
+        return (n, self.k * h, self.k * w, self.params["W"].shape[2])
+
+    def flops(self, input_shape: tuple[int, ...]) -> int:
+        """2*N*H*W*C*k*k*F: the GEMM (N*H*W, C) @ (C, k*k*F), a multiply and an add per term."""
+        n, h, w, c = input_shape
+        return 2 * n * h * w * c * self.k * self.k * self.params["W"].shape[2]
+
 
 class MaxPooling2D:
     """Max over non-overlapping pool x pool windows ('valid': an odd last row/column is dropped).
@@ -210,6 +236,19 @@ class MaxPooling2D:
             view[...] = dout * (self.argmax == k)
         return dx
 
+    # --- study mode: shape and cost from the input shape alone (UNet.summary, tinyunet.inspect) ---
+
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """(N, H, W, C) -> (N, H // p, W // p, C) ('valid': an odd last row/column is dropped)."""
+        n, h, w, c = input_shape
+        p = self.pool_size
+        return (n, conv_outsize(h, p, stride=p), conv_outsize(w, p, stride=p), c)
+
+    def flops(self, input_shape: tuple[int, ...]) -> int:
+        """0: comparisons, no multiply-adds (FLOPs here count multiply-adds x 2, as
+        ``benchmarks.common.forward_flops`` does)."""
+        return 0
+
 
 class ReLU:
     """out = max(x, 0);  dx = dout where x > 0, else 0."""
@@ -226,6 +265,16 @@ class ReLU:
     def backward(self, dout):
         return dout * self.mask
 
+    # --- study mode: shape and cost from the input shape alone (UNet.summary, tinyunet.inspect) ---
+
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Elementwise: the shape is kept."""
+        return tuple(input_shape)
+
+    def flops(self, input_shape: tuple[int, ...]) -> int:
+        """0: one comparison per value, no multiply-adds."""
+        return 0
+
 
 class Sigmoid:
     """out = 1 / (1 + exp(-x));  dx = dout * out * (1 - out)."""
@@ -240,6 +289,16 @@ class Sigmoid:
 
     def backward(self, dout):
         return dout * self.out * (1 - self.out)
+
+    # --- study mode: shape and cost from the input shape alone (UNet.summary, tinyunet.inspect) ---
+
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Elementwise: the shape is kept."""
+        return tuple(input_shape)
+
+    def flops(self, input_shape: tuple[int, ...]) -> int:
+        """0: an exp and a division per value, no multiply-adds."""
+        return 0
 
 
 def sigmoid(x):
@@ -292,6 +351,16 @@ class Dropout:
     def backward(self, dout):
         return dout * self.mask if self.train else dout
 
+    # --- study mode: shape and cost from the input shape alone (UNet.summary, tinyunet.inspect) ---
+
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Elementwise: the shape is kept."""
+        return tuple(input_shape)
+
+    def flops(self, input_shape: tuple[int, ...]) -> int:
+        """0: a multiply per value in training (none at inference), no multiply-adds."""
+        return 0
+
 
 class Concatenate:
     """Join two inputs on the channel axis: out = [a, b];  da, db = the matching slices of dout."""
@@ -309,3 +378,15 @@ class Concatenate:
 
     def backward(self, dout):
         return dout[..., :self.split], dout[..., self.split:]
+
+    # --- study mode: shape and cost from the input shapes alone (UNet.summary, tinyunet.inspect) ---
+
+    def output_shape(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """(N, H, W, Ca) and (N, H, W, Cb) -> (N, H, W, Ca + Cb)."""
+        if tuple(a_shape[:3]) != tuple(b_shape[:3]):
+            raise ValueError(f"Concatenate needs equal (N, H, W); got {a_shape} and {b_shape}")
+        return (*a_shape[:3], a_shape[3] + b_shape[3])
+
+    def flops(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> int:
+        """0: a copy, no arithmetic."""
+        return 0

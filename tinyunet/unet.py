@@ -28,6 +28,7 @@ import numpy as np
 
 from tinyunet.backend import as_array, get_backend
 from tinyunet.layers import Concatenate, Conv2D, Conv2DTranspose, Dropout, MaxPooling2D, ReLU, sigmoid
+from tinyunet.layers import Sigmoid  # study mode: the summary's last row
 
 
 class DoubleConv:
@@ -52,6 +53,10 @@ class DoubleConv:
         for layer in reversed(self.layers[1:]):
             dout = layer.backward(dout)
         return self.conv1.backward(dout, input_grad=input_grad)
+
+    def named_steps(self):
+        """(name, layer) for all four layers in forward order, ReLUs included (study mode)."""
+        return list(zip(("conv1", "relu1", "conv2", "relu2"), self.layers))
 
 
 class EncoderBlock:
@@ -222,3 +227,96 @@ class UNet:
             batch = as_array(x[start:start + batch_size], xp).astype(self.dtype, copy=False)
             out[start:start + batch_size] = sigmoid(self.forward(batch, train=False))
         return out
+
+    # --- study mode: every layer in forward order, and the Keras-style summary ------------------------
+
+    def walk(self, x, visit):
+        """Thread ``x`` through ``visit(name, layer, *inputs) -> output`` for every layer, in the
+        order and with the wiring of :meth:`forward`; returns the head's output.
+
+        The layers are not called here: ``visit`` decides what flows. :meth:`summary` passes shapes
+        and calls ``layer.output_shape``; ``tinyunet.inspect.trace`` passes arrays and calls
+        ``layer.forward``, recording each output. Names are ``enc1.conv1``, ``enc1.relu1``, ...,
+        ``enc1.pool``, ``enc1.dropout``, ``bridge.conv1``, ..., ``dec4.up``, ``dec4.concat``,
+        ``dec4.dropout``, ``dec4.conv1``, ..., ``head``.
+        """
+        skips = []
+        for level, encoder in enumerate(self.encoders, start=1):  # x1 ... x4, each kept
+            for name, layer in encoder.convs.named_steps():
+                x = visit(f"enc{level}.{name}", layer, x)
+            skips.append(x)
+            x = visit(f"enc{level}.pool", encoder.pool, x)
+            x = visit(f"enc{level}.dropout", encoder.dropout, x)
+        for name, layer in self.bridge.named_steps():
+            x = visit(f"bridge.{name}", layer, x)
+        levels = reversed(range(1, len(self.decoders) + 1))  # dec4 (deepest) ... dec1
+        for decoder, skip, level in zip(self.decoders, reversed(skips), levels):
+            x = visit(f"dec{level}.up", decoder.up, x)
+            x = visit(f"dec{level}.concat", decoder.concat, x, skip)  # [upsampled, skip]
+            x = visit(f"dec{level}.dropout", decoder.dropout, x)
+            for name, layer in decoder.convs.named_steps():
+                x = visit(f"dec{level}.{name}", layer, x)
+        return visit("head", self.head, x)
+
+    def layer_table(self, input_size=(128, 128), batch_size: int = 1) -> list[dict]:
+        """One row per layer from shapes alone (no forward pass): name, type, output shape,
+        parameters, FLOPs (multiply-adds x 2) and activation memory (output values x itemsize).
+
+        The first row is the input, the last the sigmoid that :meth:`predict` applies to the logits.
+        """
+        h, w = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+        step = 2 ** len(self.encoders)
+        if h % step or w % step:
+            raise ValueError(f"UNet(depth={len(self.encoders)}) needs H and W divisible by {step}; "
+                             f"got {h}x{w}")
+        rows = []
+
+        def add(name, layer, *input_shapes):
+            shape = tuple(layer.output_shape(*input_shapes)) if layer else input_shapes[0]
+            rows.append({
+                "name": name,
+                "type": type(layer).__name__ if layer else "Input",
+                "shape": shape,
+                "params": sum(int(p.size) for p in layer.params.values()) if layer else 0,
+                "flops": int(layer.flops(*input_shapes)) if layer else 0,
+                "bytes": int(np.prod(shape)) * self.dtype.itemsize,
+            })
+            return shape
+
+        x = add("input", None, (batch_size, h, w, self.config["in_channels"]))
+        add("sigmoid", Sigmoid(), self.walk(x, add))
+        return rows
+
+    def summary(self, input_size=(128, 128), batch_size: int = 1) -> str:
+        """A Keras-style table of every layer for ``batch_size`` images of ``input_size`` (an int
+        or (H, W), divisible by 2**depth), with totals; from shapes alone, no forward pass."""
+        rows = self.layer_table(input_size, batch_size)
+        header = ("Layer (type)", "Output shape", "Params", "FLOPs", "Memory")
+        table = [(f"{r['name']} ({r['type']})", str(r["shape"]), f"{r['params']:,}", f"{r['flops']:,}",
+                  _kib(r["bytes"])) for r in rows]
+        widths = [max(len(line[i]) for line in table + [header]) for i in range(5)]
+
+        def line(cells):
+            return "  ".join(c.ljust(wd) if i < 2 else c.rjust(wd)
+                             for i, (c, wd) in enumerate(zip(cells, widths))).rstrip()
+
+        rule = "=" * len(line(header))
+        config = ", ".join(f"{k}={v}" for k, v in self.config.items())
+        flops = sum(r["flops"] for r in rows)
+        memory = sum(r["bytes"] for r in rows)
+        h, w = rows[0]["shape"][1:3]
+        return "\n".join([
+            f"UNet({config}), {self.dtype.name}",
+            rule, line(header), rule, *map(line, table), rule,
+            f"Total params: {self.count_params():,}",
+            f"Total FLOPs: {flops:,} ({flops / 1e9:.3g} GFLOPs) per forward of {batch_size} "
+            f"image(s) of {h}x{w}: multiply-adds x 2 of the convs and up-convs",
+            f"Activation memory: {_kib(memory)} (the sum of every layer's output, values x "
+            f"{self.dtype.itemsize} bytes)",
+            "forward returns the logits (head); predict applies the sigmoid",
+        ])
+
+
+def _kib(n_bytes: int) -> str:
+    """A byte count as KiB or MiB, for the summary."""
+    return f"{n_bytes / 2 ** 20:,.1f} MiB" if n_bytes >= 2 ** 20 else f"{n_bytes / 2 ** 10:,.1f} KiB"
