@@ -278,7 +278,20 @@ def generate(args) -> str:
                    f"{s['up'].shape[2]} + {s['up'].shape[2]}", g(s["norm_up"]), g(s["norm_skip"]),
                    f"{100 * s['share']:.0f}%"] for s in shares]
     seen_word = "was" if image_id in seen else "was not"
-    subset_note = "" if image_id in set(prep.ids) else " (it is outside the run's subset of the data)"
+    if image_id not in set(prep.ids):
+        subset_note = " (it is outside the run's subset of the data)"
+    elif image_id not in seen:
+        subset_note = " (it is one of the validation images)"
+    else:
+        subset_note = ""
+    history_csv = model_path.parent / "history.csv"  # the whole run; best.npz holds the history up to itself
+    epochs_run = (len(history_csv.read_text().strip().splitlines()) - 1 if history_csv.is_file()
+                  else len(meta.get("history") or []))
+    if meta.get("best_threshold") is None:
+        threshold_note = "the run has no swept threshold yet, so this page uses 0.5."
+    else:
+        threshold_note = (f"its best probability threshold, swept on the validation set after training, is "
+                          f"{threshold:.4f}, with a validation score of {g(meta.get('val_score') or float('nan'))}.")
     history = meta.get("history") or []
     best_epoch = meta.get("epoch")
     best_row = next((h for h in history if h.get("epoch") == best_epoch), {})
@@ -314,11 +327,11 @@ re-points the code links: each link's title is the text of the line it points at
 
 **The model** here: `{model_path.relative_to(ROOT) if model_path.is_relative_to(ROOT) else model_path}`, a
 U-Net with features={model.config['features']}, depth={depth} ({model.count_params():,} parameters), trained
-by `train.py` on {len(prep.ids)} of the real training images ({len(prep.train_idx)} for training, doubled by
-left-right flips, {len(prep.val_idx)} for validation) for {len(history)} epoch(s); its best epoch ({best_epoch})
-had validation loss {g(best_row.get('val_loss', float('nan')))} and validation competition score
-{g(best_row.get('val_score', float('nan')))}, and its best probability threshold is {threshold:.4f}.
-It is a small, briefly trained model: the point is the path, not the score.
+by `train.py` on {len(prep.ids)} real training images ({len(prep.train_idx)} for training, doubled by
+left-right flips, {len(prep.val_idx)} for validation) for {epochs_run} of the recipe's {config.epochs} epochs. Its
+best epoch, {best_epoch}, had validation loss {g(best_row.get('val_loss', float('nan')))} and validation
+competition score {g(best_row.get('val_score', float('nan')))} at threshold 0.5; {threshold_note}
+It is a small model, briefly trained: the point of this page is the path, not the score.
 **The image** `{image_id}` {seen_word} among the images it trained on{subset_note}.
 
 ![the path of one image](images/walkthrough_steps.png)
