@@ -18,12 +18,17 @@ EXIT_DIVERGED = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 
 
+def _shown(value) -> str:
+    """A setting as it is typed on the command line: (0.0, 0.0) -> '0,0'."""
+    return ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else str(value)
+
+
 def _default(name: str) -> str:
     """'(default: 40; quick: 12)': the recipe's default, and the quick run's when it differs."""
     value = getattr(TrainConfig(), name)
     text = f"default: {value}"
     if name in QUICK:
-        text += f"; quick run on the synthetic set: {QUICK[name]}"
+        text += f"; quick run on the synthetic set: {_shown(QUICK[name])}"
     return f"({text})"
 
 
@@ -45,7 +50,7 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv: list[str] | None = None) -> tuple[dict, bool]:
     """The flags actually given, as TrainConfig field -> value, and --debug."""
-    quick = ", ".join(f"{flag(key)} {value}" for key, value in QUICK.items())
+    quick = ", ".join(f"{flag(key)} {_shown(value)}" for key, value in QUICK.items())
     parser = _Parser(
         prog="train.py",
         description="Train the seed U-Net for binary segmentation (the TGS Salt recipe) and write a run "
@@ -53,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[dict, bool]:
         epilog="Defaults: the seed recipe (Adam 1e-3, batch 8, 40 epochs, resize 101->128, early stopping 7, "
                "reduce LR x0.1 after 5, min 1e-5). With no --data and no data under ./data, the built-in "
                f"synthetic set is generated into ./data/synthetic and the QUICK defaults apply: {quick} "
-               "(a 480-image subset of 1000, reflect-padding 101->112); any flag overrides them.",
+               "(4000 training images, 101->64 resize, no flips, no dropout); any flag overrides them.",
         argument_default=argparse.SUPPRESS,  # only flags actually given reach build_config
     )
     parser.add_argument("--data", help="folder in Kaggle's layout (train/images, train/masks, train.csv, "
@@ -68,7 +73,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[dict, bool]:
     parser.add_argument("--depth", type=int, help=f"levels down and up {_default('depth')}")
     parser.add_argument("--dropout", type=_rates, metavar="RATES", help="dropout rate per level, top level "
                         "first, comma-separated, one per level (default: 0.25,0.3,0.4,0.5 at depth 4; other "
-                        "depths cut it, or extend it with 0.5)")
+                        f"depths cut it, or extend it with 0.5; quick run on the synthetic set: "
+                        f"{_shown(QUICK['dropout'])})")
     parser.add_argument("--lr", type=float, help=f"Adam's learning rate {_default('lr')}; on --resume it "
                         "replaces the saved rate")
     parser.add_argument("--val-split", type=float, help=f"validation share, stratified by coverage class, "
@@ -90,10 +96,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[dict, bool]:
     parser.add_argument("--lr-factor", type=float, help=f"factor of that reduction, in (0, 1) "
                         f"{_default('lr_factor')}")
     parser.add_argument("--min-lr", type=float, help=f"the learning rate's floor {_default('min_lr')}")
-    parser.add_argument("--no-flip", dest="flip", action="store_false", help="do not add left-right mirrored "
-                        "copies of the training images (default: add them, doubling the training part)")
+    parser.add_argument("--flip", action=argparse.BooleanOptionalAction,
+                        help="add (or, with --no-flip, do not add) the left-right mirror of every training image, "
+                        "doubling the training part (default: add them; quick run on the synthetic set: not)")
     parser.add_argument("--limit", type=int, help="train on a random subset of this many images (by --seed) "
-                        f"(default: all; quick run on the synthetic set: {QUICK.get('limit')})")
+                        "(default: all)")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress bar (it also hides itself when the output is not a terminal)")
     parser.add_argument("--no-plots", dest="plots", action="store_false",

@@ -100,11 +100,17 @@ class TrainConfig:
 
 
 # The quick run: `python train.py` with no data on the machine trains on the built-in synthetic set with
-# these settings (flags override them): under 10 minutes on 2 CPU cores, validation score >= 0.80.
-QUICK: dict[str, Any] = {"epochs": 12, "limit": 480, "fit": "pad", "patience": 4, "lr_patience": 3}
+# these settings over the recipe's (flags override them), sized for under 10 minutes on 2 CPU cores:
+# - 64 x 64 input: the smooth synthetic masks survive 101 -> 64 -> 101 with a score of 0.9998, and a
+#   step costs a third of 128 x 128;
+# - 4000 generated images and no flips: synthetic images are free, and new ones generalise where mirror
+#   copies and more epochs over 800 images overfit (val score 0.51 vs 0.53 in the same time);
+# - no dropout: it delays the escape from the all-background start by many epochs.
+QUICK: dict[str, Any] = {"epochs": 12, "input_size": 64, "dropout": (0.0, 0.0, 0.0, 0.0), "flip": False,
+                         "patience": 5, "lr_patience": 2}
 
 SYNTHETIC_DIR = Path("data/synthetic")  # generated here (once) when no data is found
-SYNTHETIC_SIZE = {"n_train": 1000, "n_test": 200}  # images written into SYNTHETIC_DIR
+SYNTHETIC_SIZE = {"n_train": 4000, "n_test": 200}  # images written into SYNTHETIC_DIR (about 25 s)
 REAL_DATA = (Path("data/tgs-salt-identification-challenge.zip"), Path("data/tgs-salt"))  # looked for first
 RUNS_DIR = Path("runs")  # default parent of the run folders
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "val_score", "lr", "seconds")
