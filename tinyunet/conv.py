@@ -73,6 +73,16 @@ def gather_taps(rows, offsets: list[int], length: int):
     return xp.concatenate([rows[off:off + length] for off in offsets], axis=1)
 
 
+def column_sums(rows):
+    """``rows.sum(axis=0)`` of a (R, F) array, as one matrix-vector product ``ones(R) @ rows``.
+
+    The bias gradients use it: NumPy reduces a few long columns slowly (about 2 ms for 135,200 x 8
+    float32 here), while the product streams the rows once (about 0.1 ms).
+    """
+    xp = get_array_module(rows)
+    return xp.ones(len(rows), dtype=rows.dtype) @ rows
+
+
 def valid(rows, n: int, hp: int, wp: int, oh: int, ow: int):
     """The (N, OH, OW, F) outputs inside per-pixel rows (N*Hp*Wp, F), dropping the border rows."""
     return rows.reshape(n, hp, wp, rows.shape[1])[:, :oh, :ow, :]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from tinyunet.backend import as_array, get_array_module, make_rng
-from tinyunet.conv import (blocks_to_space, conv_outsize, gather_taps, padded_rows, same_pads,
+from tinyunet.conv import (blocks_to_space, column_sums, conv_outsize, gather_taps, padded_rows, same_pads,
                            space_to_blocks, tap_groups, tap_offsets, valid)
 
 
@@ -70,10 +70,15 @@ class Conv2D:
         offsets = tap_offsets(kh, kw, wp)
         length = len(x_rows) - offsets[-1]  # L: rows whose every tap stays inside the array
         W_rows = W.reshape(-1, W.shape[3])  # (KH*KW*C, F): tap t's weights are rows t*C:(t+1)*C
-        out = xp.zeros((len(x_rows), W.shape[3]), dtype=xp.result_type(x, W))  # (N*Hp*Wp, F)
-        for group in tap_groups(len(offsets), c):
+        # (N*Hp*Wp, F); the rows past L are never written: they are border rows, which valid() drops
+        out = xp.empty((len(x_rows), W.shape[3]), dtype=xp.result_type(x, W))
+        for k, group in enumerate(tap_groups(len(offsets), c)):
             cols = gather_taps(x_rows, offsets[group.start:group.stop], length)  # (L, g*C)
-            out[:length] += cols @ W_rows[group.start * c:group.stop * c]
+            W_group = W_rows[group.start * c:group.stop * c]  # (g*C, F)
+            if k == 0:
+                xp.matmul(cols, W_group, out=out[:length])  # the first group writes, the rest add
+            else:
+                out[:length] += cols @ W_group
         out[:length] += b
         self.x_rows, self.grid = x_rows, (n, hp, wp, h, w)
         return valid(out, n, hp, wp, h, w)  # (N, H, W, F)
@@ -93,7 +98,10 @@ class Conv2D:
         length = len(d_rows) - offsets[-1]
         W_rows = W.reshape(-1, f)  # (KH*KW*C, F)
         dW_rows = self.grads["W"].reshape(-1, f)  # a view: writing it fills grads["W"]
-        dx_rows = xp.zeros_like(self.x_rows, dtype=xp.result_type(dout, W)) if input_grad else None
+        dx_rows = None
+        if input_grad:  # (N*Hp*Wp, C); the tap at offset 0 writes rows [0, L), the others add
+            dx_rows = xp.empty_like(self.x_rows, dtype=xp.result_type(dout, W))
+            dx_rows[length:] = 0  # only the taps at later offsets reach these rows
         for group in tap_groups(len(offsets), c):
             group_offsets = offsets[group.start:group.stop]
             block = slice(group.start * c, group.stop * c)
@@ -102,8 +110,11 @@ class Conv2D:
             if input_grad:
                 d_cols = d_rows[:length] @ W_rows[block].T  # (L, g*C)
                 for k, off in enumerate(group_offsets):
-                    dx_rows[off:off + length] += d_cols[:, k * c:(k + 1) * c]
-        self.grads["b"][...] = dout.sum(axis=(0, 1, 2))
+                    if off == 0:
+                        dx_rows[:length] = d_cols[:, :c]
+                    else:
+                        dx_rows[off:off + length] += d_cols[:, k * c:(k + 1) * c]
+        self.grads["b"][...] = column_sums(d_rows)  # sum of dout over N, H, W (d_rows: zeros elsewhere)
         if not input_grad:
             return None
         return valid(dx_rows, n, hp, wp, top + h, left + w)[:, top:, left:]  # (N, H, W, C)
@@ -176,7 +187,7 @@ class Conv2DTranspose:
         drows = space_to_blocks(dout, k)  # (N*H*W, KH*KW*F): stride-k patches of dout
         dW_rows = self.x2d.T @ drows  # (C, KH*KW*F)
         self.grads["W"][...] = dW_rows.reshape(c, k, k, f).transpose(1, 2, 3, 0)  # (KH, KW, F, C)
-        self.grads["b"][...] = dout.sum(axis=(0, 1, 2))
+        self.grads["b"][...] = column_sums(drows).reshape(k * k, f).sum(axis=0)  # sum of dout over N, H, W
         dx = drows @ self._w_rows().T  # (N*H*W, C): a stride-k conv of dout by W
         return dx.reshape(n, oh // k, ow // k, c)
 
