@@ -105,8 +105,8 @@ class TrainConfig:
 # - 64 x 64 input: the smooth synthetic masks survive 101 -> 64 -> 101 (all 4000 score 1.0), and a
 #   step costs a third of 128 x 128;
 # - 4000 generated images and no flips: synthetic images are free, so fresh ones replace mirror copies;
-# - no dropout: over 12 epochs of 3200 fresh images, training and validation loss stay together (0.046
-#   and 0.054 at the end), so there is nothing for it to regularise;
+# - no dropout: over 13 epochs of 3200 fresh images, training and validation loss stay together (0.050
+#   and 0.065 at the end), so there is nothing for it to regularise;
 # - 13 epochs, the LR cut (x0.1) after 2 flat epochs: late in a run at 1e-3 the validation loss jumps every
 #   few epochs, and each epoch at 1e-4 after a cut adds about 0.01-0.04. Single runs of 12 epochs ended at
 #   0.79-0.82 depending on when the cut came (the trajectory differs between BLAS thread counts); 14 epochs
