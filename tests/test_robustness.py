@@ -194,13 +194,15 @@ def test_sigkill_mid_checkpoint_write_keeps_the_saved_files(tmp_path, tiny_data,
     assert best.meta["epoch"] <= last.meta["epoch"] + (target == "last.npz")
     if target == "last.npz":
         assert last.meta["epoch"] == k - 1  # the K-th write never landed
-    # the half-written temporary is hidden beside them and replaces nothing; --resume ignores it
+    # the half-written temporary is hidden beside them and replaces nothing; --resume removes it
     stale = [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
     assert stale and all(p.startswith(".") for p in stale)
 
     done = _resume(tmp_path, "run", EPOCHS)
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
+    assert f"removed {len(stale)} half-written temporary file(s)" in done.stdout
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
     assert load_checkpoint(run / "last.npz").meta["epoch"] == EPOCHS
     assert 0 <= load_checkpoint(run / "best.npz").meta["best_threshold"] <= 1
     same_params(run / "last.npz", straight_run / "last.npz")  # exact resume, across processes

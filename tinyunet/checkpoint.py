@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import zipfile
 import zlib
@@ -164,6 +165,37 @@ def save_checkpoint(
             tmp.unlink(missing_ok=True)
     _fsync_directory(directory)
     return path
+
+
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")  # .best.npz.<pid>.<hex>.tmp
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete the hidden temporary files that a killed writer left in ``directory``; return them.
+
+    An atomic write (:func:`save_checkpoint`, and the run's text files) goes through
+    ``.<name>.<pid>.<hex>.tmp``; only SIGKILL or a power cut leaves one behind. A temporary is
+    stale when the process named in it is no longer alive; a live writer's file is left alone.
+    """
+    removed = []
+    for path in Path(directory).glob(".*.tmp"):
+        match = _TEMPORARY.match(path.name)
+        if match is None or _alive(int(match["pid"])):
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id exists (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
 
 
 def _needs_pickle(npz: np.lib.npyio.NpzFile, key: str) -> bool:

@@ -53,7 +53,8 @@ import numpy as np
 
 from tinyunet.backend import as_array, as_numpy
 from tinyunet.callbacks import EarlyStopping, ModelCheckpoint, ReduceLROnPlateau
-from tinyunet.checkpoint import CheckpointError, check_compatible, load_checkpoint, save_checkpoint
+from tinyunet.checkpoint import (CheckpointError, check_compatible, load_checkpoint, remove_stale_temporaries,
+                                 save_checkpoint)
 from tinyunet.data import (DataError, augment_hflip, check_finite, coverage, coverage_class,
                            fingerprint, load_train, minibatches, stratified_split)
 from tinyunet.layers import sigmoid
@@ -582,6 +583,10 @@ def train(config: TrainConfig) -> Path:
     write_latest(run)
 
     _describe(config, run, model, prep, resumed_after=len(history) if resume_from is not None else None)
+    stale = remove_stale_temporaries(run)  # what a killed run was writing when it died
+    if stale:
+        _say(f"removed {len(stale)} half-written temporary file(s) left by a killed run: "
+             + ", ".join(p.name for p in stale))
 
     def meta(epoch: int) -> dict:
         return {"model": dict(model.config), "fit": config.fit, "input_size": config.input_size, "epoch": epoch,
