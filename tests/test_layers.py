@@ -194,6 +194,19 @@ def test_maxpool_forward_matches_loop_and_floors_odd_sizes(xp, rng, hw):
     np.testing.assert_array_equal(out, maxpool_loop(x, 2))
 
 
+@pytest.mark.parametrize("make_layer, x_shape", [(lambda xp: Conv2D(3, 5, 3, rng=0, xp=xp), (4, 33, 40, 3)),
+                                                  (lambda xp: Conv2DTranspose(4, 3, rng=0, xp=xp), (2, 8, 9, 4))])
+def test_float32_bias_gradient_matches_a_plain_sum(xp, rng, make_layer, x_shape):
+    """The bias gradient is computed as a GEMV (``ones @ rows``); it must equal the plain float64 sum."""
+    layer = make_layer(xp)
+    x = as_array(rng.standard_normal(x_shape).astype(np.float32), xp)
+    out = layer.forward(x, train=True)
+    dout = as_array(rng.standard_normal(out.shape).astype(np.float32), xp)
+    layer.backward(dout)
+    expected = as_numpy(dout).astype(np.float64).sum(axis=(0, 1, 2))
+    np.testing.assert_allclose(as_numpy(layer.grads["b"]), expected, rtol=1e-5, atol=1e-3)
+
+
 def test_maxpool_sends_tied_gradient_to_one_input(xp):
     layer = MaxPooling2D(2)
     layer.forward(xp.ones((1, 2, 2, 1), dtype=xp.float32))
