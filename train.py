@@ -19,8 +19,15 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 
 
 def _shown(value) -> str:
-    """A setting as it is typed on the command line: (0.0, 0.0) -> '0,0'."""
+    """A setting's value as it is typed on the command line: (0.0, 0.0) -> '0,0'."""
     return ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else str(value)
+
+
+def _typed(name: str, value) -> str:
+    """A setting as a flag: ('epochs', 13) -> '--epochs 13', ('flip', False) -> '--no-flip'."""
+    if isinstance(value, bool):
+        return flag(name) if value else "--no-" + flag(name)[2:]
+    return f"{flag(name)} {_shown(value)}"
 
 
 def _default(name: str) -> str:
@@ -50,7 +57,7 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv: list[str] | None = None) -> tuple[dict, bool]:
     """The flags actually given, as TrainConfig field -> value, and --debug."""
-    quick = ", ".join(f"{flag(key)} {_shown(value)}" for key, value in QUICK.items())
+    quick = ", ".join(_typed(key, value) for key, value in QUICK.items())
     parser = _Parser(
         prog="train.py",
         description="Train the seed U-Net for binary segmentation (the TGS Salt recipe) and write a run "
