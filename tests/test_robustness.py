@@ -42,6 +42,8 @@ from tinyunet.rle import rle_decode, rle_encode
 from tinyunet.synth import generate
 from tinyunet.training import build_config, train
 
+from helpers import assert_one_line_error, exit_code
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PY = REPO / "train.py"
 TINY_FLAGS = ["--features", "2", "--depth", "2", "--input-size", "16", "--no-plots", "--no-progress"]
@@ -59,23 +61,6 @@ def _load_script(name: str):
 
 train_cli = _load_script("train")
 predict_cli = _load_script("predict")
-
-
-def call(main, argv: list[str]) -> int:
-    """A script's exit code, in this process (argparse's own errors exit through SystemExit)."""
-    try:
-        return main([str(a) for a in argv])
-    except SystemExit as exit:
-        return exit.code
-
-
-def assert_one_error_line(stderr: str, *words: str) -> None:
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("error: "), stderr
-    assert "Traceback" not in stderr
-    for word in words:
-        assert word in lines[0], (word, lines[0])
 
 
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
@@ -301,7 +286,7 @@ def _train_then_predict(data: Path, tmp_path: Path, fit: str, shape: tuple[int, 
             assert done.returncode == 0 and "Traceback" not in done.stderr, (script, done.stderr)
     else:
         for main, argv in ((train_cli.main, train_argv), (predict_cli.main, predict_argv)):
-            code = call(main, argv)
+            code = exit_code(main, argv)
             assert code == 0, capsys.readouterr().err
     meta = load_checkpoint(run / "best.npz").meta
     assert meta["fit"] == fit and 0 <= meta["best_threshold"] <= 1
@@ -334,7 +319,7 @@ def test_a_non_square_set_trains_and_predicts_another_shape(oblong_set, tmp_path
 def finished(tiny_data, tmp_path, monkeypatch) -> Path:
     """A 1-epoch run in ./runs/done of a fresh working folder (so runs/latest exists too)."""
     monkeypatch.chdir(tmp_path)
-    assert call(train_cli.main, ["--data", tiny_data, "--out", "runs/done", "--epochs", "1", *TINY_FLAGS]) == 0
+    assert exit_code(train_cli.main, ["--data", tiny_data, "--out", "runs/done", "--epochs", "1", *TINY_FLAGS]) == 0
     return tmp_path
 
 
@@ -352,11 +337,11 @@ def test_nan_pixels_stop_training_in_one_line_and_damage_nothing(finished, tiny_
         return TrainSet(data.ids, images, data.masks, data.depths)
 
     monkeypatch.setattr(training, "load_train", poisoned)
-    assert call(train_cli.main, ["--resume", "runs/done", "--epochs", "3"]) == 2
-    assert_one_error_line(capsys.readouterr().err, "2 NaN or infinite values", "(0, 0, 1)")
+    assert exit_code(train_cli.main, ["--resume", "runs/done", "--epochs", "3"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "2 NaN or infinite values", "(0, 0, 1)")
     assert snapshot(finished) == before
-    assert call(train_cli.main, ["--data", tiny_data, "--out", "runs/new", "--epochs", "1", *TINY_FLAGS]) == 2
-    assert_one_error_line(capsys.readouterr().err, "NaN or infinite")
+    assert exit_code(train_cli.main, ["--data", tiny_data, "--out", "runs/new", "--epochs", "1", *TINY_FLAGS]) == 2
+    assert_one_line_error(capsys.readouterr().err, "NaN or infinite")
     assert snapshot(finished) == before and not (finished / "runs" / "new").exists()
 
 
@@ -387,8 +372,8 @@ def test_mistakes_against_a_run_leave_it_untouched(finished, capsys, case):
     capsys.readouterr()
     make_argv, words = RUN_MISTAKES[case]
     before = snapshot(finished / "runs")
-    assert call(train_cli.main, make_argv(finished)) == 2
-    assert_one_error_line(capsys.readouterr().err, *words)
+    assert exit_code(train_cli.main, make_argv(finished)) == 2
+    assert_one_line_error(capsys.readouterr().err, *words)
     assert snapshot(finished / "runs") == before
     assert not (finished / "runs" / "else").exists()
 
@@ -409,8 +394,8 @@ def test_resume_from_a_damaged_last_npz_keeps_best_npz(finished, capsys, damage)
         words = ["pickle", "refused"]
     capsys.readouterr()
     before = snapshot(finished / "runs")
-    assert call(train_cli.main, ["--resume", "runs/done"]) == 2
-    assert_one_error_line(capsys.readouterr().err, "last.npz", *words)
+    assert exit_code(train_cli.main, ["--resume", "runs/done"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "last.npz", *words)
     assert snapshot(finished / "runs") == before
     load_checkpoint(run / "best.npz")
 
@@ -420,7 +405,7 @@ def test_train_py_process_error_prints_no_traceback_but_debug_does(finished):
     args = [sys.executable, str(TRAIN_PY), "--resume", "runs/done", "--features", "4"]
     plain = subprocess.run(args, cwd=finished, capture_output=True, text=True, timeout=120, env=ENV)
     assert plain.returncode == 2
-    assert_one_error_line(plain.stderr, "--features 4")
+    assert_one_line_error(plain.stderr, "--features 4")
     debug = subprocess.run(args + ["--debug"], cwd=finished, capture_output=True, text=True, timeout=120, env=ENV)
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "ConfigError" in debug.stderr
 
@@ -436,8 +421,8 @@ def test_predict_with_a_model_of_another_depth_than_it_records(finished, capsys)
     (finished / "submission.csv").write_text("id,rle_mask\nold,1 1\n")
     before = snapshot(finished)
     capsys.readouterr()
-    assert call(predict_cli.main, ["--model", other]) == 2
-    assert_one_error_line(capsys.readouterr().err, "features=2, depth=2", "other.npz")
+    assert exit_code(predict_cli.main, ["--model", other]) == 2
+    assert_one_line_error(capsys.readouterr().err, "features=2, depth=2", "other.npz")
     assert snapshot(finished) == before
 
 

@@ -17,6 +17,8 @@ from tinyunet import training
 from tinyunet.checkpoint import load_checkpoint
 from tinyunet.synth import generate
 
+from helpers import assert_one_line_error, exit_code, poison_loss
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PY = REPO / "train.py"
 TINY_FLAGS = ["--features", "2", "--depth", "2", "--input-size", "32", "--no-plots", "--no-progress"]
@@ -40,15 +42,6 @@ def tiny_data(tmp_path_factory) -> Path:
 def run_cli(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(TRAIN_PY), *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout)
-
-
-def assert_one_line_error(stderr: str, *words: str) -> None:
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("error: "), stderr
-    assert "Traceback" not in stderr
-    for word in words:
-        assert word in lines[0], (word, stderr)
 
 
 def test_help_lists_every_flag_and_the_quick_defaults(tmp_path):
@@ -90,11 +83,8 @@ def test_bad_flag_values_are_one_line_errors(tmp_path, monkeypatch, capsys, args
 
 
 def call_main(argv: list[str]) -> int:
-    """train.py's exit code, in this process (argparse's own errors exit through SystemExit)."""
-    try:
-        return cli.main(argv)
-    except SystemExit as exit:
-        return exit.code
+    """train.py's exit code, in this process."""
+    return exit_code(cli.main, argv)
 
 
 def test_a_bad_value_in_a_real_process(tmp_path):
@@ -135,15 +125,7 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
 
 
 def test_a_nan_loss_exits_non_zero_with_epoch_and_batch(tmp_path, tiny_data, monkeypatch, capsys):
-    real = training.binary_crossentropy
-    calls = {"n": 0}
-
-    def poisoned(logits, target):
-        calls["n"] += 1
-        loss, dlogits = real(logits, target)
-        return (loss * np.inf if calls["n"] == 3 else loss), dlogits
-
-    monkeypatch.setattr(training, "binary_crossentropy", poisoned)
+    poison_loss(monkeypatch, at_call=3, factor=np.inf)
     assert call_main(["--data", str(tiny_data), "--out", str(tmp_path / "run"), "--epochs", "3", *TINY_FLAGS]) == 1
     assert_one_line_error(capsys.readouterr().err, "epoch 1, batch 3", "nothing was saved", "--lr")
 

@@ -21,6 +21,8 @@ from tinyunet.training import (HISTORY_COLUMNS, QUICK, ConfigError, TrainConfig,
                                TrainingInterrupted, build_config, train)
 from tinyunet.unet import UNet
 
+from helpers import poison_loss
+
 TINY = {"features": 2, "depth": 2, "input_size": 32, "epochs": 2, "progress": False, "plots": False}
 PNGS = ("learning_curves.png", "threshold_sweep.png", "val_predictions.png", "coverage.png")
 
@@ -154,16 +156,8 @@ def test_early_stopping_and_reduce_lr_are_wired(tiny_data, tmp_path, monkeypatch
 # --------------------------------------------------------------------------------------------
 
 def test_a_nan_loss_stops_at_once_and_keeps_the_good_checkpoints(tiny_data, tmp_path, monkeypatch):
-    real = training.binary_crossentropy
-    calls = {"n": 0}
-
-    def poisoned(logits, target):
-        calls["n"] += 1
-        loss, dlogits = real(logits, target)
-        # epoch 1: 5 training batches + 1 validation batch; call 8 is epoch 2, batch 2
-        return (loss * np.nan if calls["n"] == 8 else loss), dlogits
-
-    monkeypatch.setattr(training, "binary_crossentropy", poisoned)
+    # epoch 1: 5 training batches + 1 validation batch; call 8 is epoch 2, batch 2
+    calls = poison_loss(monkeypatch, at_call=8, factor=np.nan)
     run = tmp_path / "nan"
     with pytest.raises(TrainingDiverged) as err:
         train(tiny(tiny_data, run, epochs=5))
