@@ -35,8 +35,8 @@ from hypothesis.extra.numpy import arrays
 from PIL import Image
 
 from tinyunet import training
-from tinyunet.checkpoint import CheckpointError, load_checkpoint
-from tinyunet.data import DataError, TrainSet, load_train
+from tinyunet.checkpoint import load_checkpoint
+from tinyunet.data import TrainSet, load_train
 from tinyunet.metrics import competition_score, image_scores, iou
 from tinyunet.rle import rle_decode, rle_encode
 from tinyunet.synth import generate

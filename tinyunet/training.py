@@ -39,7 +39,6 @@ are checked: a NaN or infinite loss stops training at once, naming the epoch and
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import secrets
