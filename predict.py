@@ -39,6 +39,7 @@ from tinyunet.backend import GPUUnavailableError, as_numpy
 from tinyunet.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from tinyunet.data import DataError, fingerprint, load_test, load_train
 from tinyunet.evaluation import Report, evaluate as score_report
+from tinyunet.parallel import DataParallel
 from tinyunet.pipeline import FITS, binarize, probabilities
 from tinyunet.rle import rle_encode
 from tinyunet.unet import UNet
@@ -251,6 +252,7 @@ def predict(
     data: str | os.PathLike | None = None,
     out: str | os.PathLike = "submission.csv",
     gpu: bool = False,
+    threads: int | None = None,
     batch_size: int = 32,
     tta: bool = False,
     threshold: float | None = None,
@@ -264,7 +266,7 @@ def predict(
 
     ``model`` defaults to ``runs/<runs/latest>/best.npz``, ``data`` to the data folder recorded in
     the checkpoint. ``threshold`` defaults to the checkpoint's best threshold (0.5 when it has
-    none). ``preview`` defaults to ``<out stem>_preview.png`` beside ``out``. With ``evaluate`` the
+    none). ``threads`` CPU threads share every batch (default: every usable core). ``preview`` defaults to ``<out stem>_preview.png`` beside ``out``. With ``evaluate`` the
     labelled train part of ``data`` is predicted and scored instead, the threshold-vs-score plot goes
     to ``<out stem>_threshold.png`` and no submission is written. Every input is checked before the
     slow work starts; problems raise one of :data:`USER_ERRORS` with a one-line message.
@@ -272,12 +274,15 @@ def predict(
     # --- the arguments, before anything slow ---------------------------------------------------
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise PredictError(f"--batch-size must be a whole number >= 1, got {batch_size}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise PredictError(f"--threads must be a whole number >= 1, got {threads}")
     if threshold is not None and not 0 <= threshold <= 1:  # NaN fails this too
         raise PredictError(f"--threshold must be in [0, 1], got {threshold}")
 
     # --- the model ---------------------------------------------------------------------------------
     model_path = Path(model) if model is not None else latest_model()
-    net, ckpt = load_model(model_path, gpu=gpu)
+    unet, ckpt = load_model(model_path, gpu=gpu)
+    net = DataParallel(unet, threads)  # every batch split between the CPU's threads
     meta = ckpt.meta
     threshold, source = choose_threshold(threshold, meta)
 
@@ -295,7 +300,7 @@ def predict(
 
     log(f"model: {model_path} (features={net.config['features']}, depth={net.config['depth']}, "
         f"{meta.get('fit')} to {meta.get('input_size')}, epoch {meta.get('epoch', '?')}, "
-        f"{'GPU (CuPy)' if gpu else 'CPU (NumPy)'})")
+        f"{'GPU (CuPy)' if gpu else f'CPU (NumPy), {net.threads} thread(s)'})")
     if source == "default":
         log(f"note: the checkpoint records no best threshold; using {DEFAULT_THRESHOLD} "
             "(pass --threshold to choose)")
@@ -361,8 +366,9 @@ def predict(
         log(f"saved {n} mask PNGs to {save_masks}")
     result.preview = plots.prediction_grid(images, probs, masks, preview, truths=truths, ids=ids)
     log(f"saved the preview to {preview}")
+    device = "GPU" if gpu else f"CPU, {net.threads} thread(s)"
     log(f"speed: {n} images in {seconds:.2f} s = {result.images_per_s:.1f} images/s "
-        f"({'GPU' if gpu else 'CPU'}, batch {batch_size}, tta {'on' if tta else 'off'})")
+        f"({device}, batch {batch_size}, tta {'on' if tta else 'off'})")
     return result
 
 
@@ -389,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="submission.csv",
                    help="submission CSV to write (default: submission.csv)")
     p.add_argument("--gpu", action="store_true", help="predict on the GPU with CuPy")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads sharing every batch (default: every usable core)")
     p.add_argument("--batch-size", type=int, default=32,
                    help="images per forward pass (default: 32)")
     p.add_argument("--tta", action="store_true",
@@ -413,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        predict(model=args.model, data=args.data, out=args.out, gpu=args.gpu,
+        predict(model=args.model, data=args.data, out=args.out, gpu=args.gpu, threads=args.threads,
                 batch_size=args.batch_size, tta=args.tta, threshold=args.threshold,
                 save_masks=args.save_masks, preview=args.preview, evaluate=args.evaluate)
     except USER_ERRORS as err:

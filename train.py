@@ -72,6 +72,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[dict, bool]:
                         "test/images) or the competition's zip; default: ./data/tgs-salt-identification-"
                         "challenge.zip or ./data/tgs-salt if present, else the built-in synthetic set")
     parser.add_argument("--gpu", action="store_true", help="train on the GPU with CuPy (default: CPU, NumPy)")
+    parser.add_argument("--threads", type=int, help="CPU threads sharing every batch, each running the whole "
+                        "network on its share (default: every usable core; results differ slightly with the "
+                        "thread count, as dropout masks are drawn per thread)")
     parser.add_argument("--epochs", type=int, help=f"total number of epochs, counting those a resumed run "
                         f"already did {_default('epochs')}")
     parser.add_argument("--batch-size", type=int, help=f"images per training step {_default('batch_size')}")

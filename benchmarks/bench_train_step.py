@@ -13,16 +13,19 @@ import argparse
 
 import numpy as np
 
-from benchmarks.common import forward_flops, machine, median_ms, torch_or_none, torch_unet
+from benchmarks.common import machine, median_ms, torch_or_none, torch_unet
 from tinyunet.backend import as_array
 from tinyunet.losses import binary_crossentropy
 from tinyunet.optim import Adam
+from tinyunet.parallel import DataParallel, usable_cores
 from tinyunet.unet import UNet
 
 
-def tinyunet_step(batch_size: int, size: int, repeats: int, gpu: bool) -> tuple[float, float]:
-    """Median ms per step and FLOPs per step of tinyunet."""
+def tinyunet_step(batch_size: int, size: int, repeats: int, gpu: bool,
+                  threads: int | None = None) -> tuple[float, float]:
+    """Median ms per step and FLOPs per step of tinyunet, the batch shared by ``threads`` threads."""
     model = UNet(features=8, depth=4, gpu=gpu)
+    net = DataParallel(model, threads)
     xp = model.xp
     rng = np.random.default_rng(0)
     x = as_array(rng.random((batch_size, size, size, 1), dtype=np.float32), xp)
@@ -30,13 +33,13 @@ def tinyunet_step(batch_size: int, size: int, repeats: int, gpu: bool) -> tuple[
     opt = Adam(model.params, lr=1e-3)
 
     def step():
-        loss, dlogits = binary_crossentropy(model.forward(x, train=True), y)
-        model.backward(dlogits, input_grad=False)  # as training does: no gradient for the images
+        loss, dlogits = binary_crossentropy(net.forward(x, train=True), y)
+        net.backward(dlogits, input_grad=False)  # as training does: no gradient for the images
         opt.step(model.grads)
 
     sync = xp.cuda.Device().synchronize if gpu else (lambda: None)
     ms, _ = median_ms(step, repeats, sync=sync)
-    return ms, 3 * forward_flops(model)
+    return ms, 3 * sum(row["flops"] for row in model.layer_table(size, batch_size))
 
 
 def torch_step(torch, batch_size: int, size: int, repeats: int, channels_last: bool,
@@ -65,15 +68,18 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128, help="image height and width (default 128)")
     parser.add_argument("--repeats", type=int, default=10, help="timed steps; the median is shown")
     parser.add_argument("--gpu", action="store_true", help="run on CuPy and PyTorch CUDA")
+    parser.add_argument("--threads", type=int, default=usable_cores(),
+                        help="threads sharing each batch (default: every usable core, as training uses)")
     args = parser.parse_args()
 
     print(f"machine: {machine()}")
     print(f"U-Net features=8 depth=4, batch {args.batch_size}, {args.size}x{args.size}, float32, "
           f"median of {args.repeats} steps")
-    ms, flops = tinyunet_step(args.batch_size, args.size, args.repeats, args.gpu)
+    ms, flops = tinyunet_step(args.batch_size, args.size, args.repeats, args.gpu, args.threads)
     per_image = flops / args.batch_size / 1e9
     print(f"tinyunet  : {ms:8.1f} ms/step  {args.batch_size / ms * 1e3:7.1f} images/s  "
-          f"{flops / ms / 1e6:6.1f} GFLOP/s  ({per_image:.2f} GFLOP per image per step)")
+          f"{flops / ms / 1e6:6.1f} GFLOP/s  ({per_image:.2f} GFLOP per image per step, "
+          f"{1 if args.gpu else args.threads} thread(s))")
     torch = torch_or_none()
     if torch is None:
         print("PyTorch not importable: no comparison (pip install torch to compare)")

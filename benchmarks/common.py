@@ -1,4 +1,4 @@
-"""What the benchmarks share: timing by medians, the step FLOP count, and PyTorch's twin U-Net.
+"""What the benchmarks share: timing by medians, the machine's description, and PyTorch's twin U-Net.
 
 PyTorch is only a yardstick: it is imported when installed and never needed by tinyunet itself.
 """
@@ -12,8 +12,6 @@ from collections.abc import Callable
 
 import numpy as np
 
-from tinyunet.layers import Conv2D, Conv2DTranspose
-from tinyunet.unet import UNet
 
 
 def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2,
@@ -29,21 +27,6 @@ def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2,
         sync()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times), times
-
-
-def forward_flops(model: UNet) -> int:
-    """Multiply-adds x 2 of every conv and up-conv in the last forward (read from their caches)."""
-    total = 0
-    for _, layer in model.named_layers():
-        f = layer.params["b"].shape[0]
-        if isinstance(layer, Conv2D):
-            n, _, _, h, w = layer.grid
-            kh, kw, c, _ = layer.params["W"].shape
-            total += 2 * n * h * w * kh * kw * c * f
-        elif isinstance(layer, Conv2DTranspose):
-            rows, c = layer.x2d.shape  # (N*H*W, C)
-            total += 2 * rows * c * layer.k * layer.k * f
-    return total
 
 
 def machine() -> str:

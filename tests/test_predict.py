@@ -470,6 +470,7 @@ ERROR_CASES = {
     "threshold nan": (lambda s: ["--model", s["good"], "--threshold", "nan"], "--threshold"),
     "batch size 0": (lambda s: ["--model", s["good"], "--batch-size", "0"], "--batch-size"),
     "batch size text": (lambda s: ["--model", s["good"], "--batch-size", "many"], "invalid int"),
+    "threads 0": (lambda s: ["--model", s["good"], "--threads", "0"], "--threads"),
     "missing model": (lambda s: ["--model", s["tmp"] / "nope.npz"], "does not exist"),
     "not a checkpoint": (lambda s: ["--model", s["bad"]["text"]], "not a .npz checkpoint"),
     "nan weights": (lambda s: ["--model", s["bad"]["nan"]], "NaN or infinite weights"),

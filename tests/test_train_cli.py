@@ -49,7 +49,7 @@ def test_help_lists_every_flag_and_the_quick_defaults(tmp_path):
     assert done.returncode == 0, done.stderr
     for flag in ("--data", "--gpu", "--epochs", "--batch-size", "--features", "--depth", "--lr", "--val-split",
                  "--seed", "--out", "--resume", "--fit", "--input-size", "--patience", "--lr-patience",
-                 "--lr-factor", "--min-lr", "--no-flip", "--dropout", "--limit", "--no-plots", "--debug"):
+                 "--lr-factor", "--min-lr", "--no-flip", "--dropout", "--limit", "--no-plots", "--debug", "--threads"):
         assert flag in done.stdout, flag
     assert "QUICK" in done.stdout and "synthetic" in done.stdout
     assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
@@ -74,6 +74,7 @@ def test_help_lists_every_flag_and_the_quick_defaults(tmp_path):
     (["--dropout", "0.1,0.2"], "--dropout"),
     (["--dropout", "a,b"], "--dropout"),
     (["--resume", "no-such-run"], "--resume"),
+    (["--threads", "0"], "--threads"),
 ])
 def test_bad_flag_values_are_one_line_errors(tmp_path, monkeypatch, capsys, args, flag):
     monkeypatch.chdir(tmp_path)  # no ./data here: the quick defaults, but nothing may be generated

@@ -100,9 +100,11 @@ def test_images_of_an_odd_size_train_with_either_fit(tmp_path, fit):
 # --------------------------------------------------------------------------------------------
 
 def test_resume_is_bit_identical_and_runs_are_deterministic(tiny_data, tmp_path):
-    straight = train(tiny(tiny_data, tmp_path / "straight", epochs=4, dropout=(0.2, 0.3)))
-    half = train(tiny(tiny_data, tmp_path / "half", epochs=2, dropout=(0.2, 0.3)))
-    again = train(tiny(tiny_data, tmp_path / "again", epochs=2, dropout=(0.2, 0.3)))
+    # two threads share every batch (tinyunet.parallel), whatever this machine's core count;
+    # the resumed run takes threads=2 from last.npz's settings
+    straight = train(tiny(tiny_data, tmp_path / "straight", epochs=4, dropout=(0.2, 0.3), threads=2))
+    half = train(tiny(tiny_data, tmp_path / "half", epochs=2, dropout=(0.2, 0.3), threads=2))
+    again = train(tiny(tiny_data, tmp_path / "again", epochs=2, dropout=(0.2, 0.3), threads=2))
     assert_same_arrays(params_of(half / "last.npz"), params_of(again / "last.npz"))  # same seed, same weights
 
     resumed = train(build_config({"resume": str(half), "epochs": 4}))
@@ -242,6 +244,8 @@ def test_the_synthetic_set_is_generated_once(tmp_path, monkeypatch):
     ({"limit": 1}, "--limit"),
     ({"dropout": (0.5,)}, "--dropout 0.5 "),
     ({"dropout": (0.5, 1.0)}, "--dropout 0.5,1 "),
+    ({"threads": 0}, "--threads"),
+    ({"threads": 1.5}, "--threads"),
 ])
 def test_invalid_settings_are_one_line_errors(tmp_path, settings, flag):
     config = replace_tiny(tmp_path, **settings)

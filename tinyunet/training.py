@@ -29,7 +29,10 @@ Exact resume: every random draw is a function of (seed, epoch): the initial weig
 shuffle of ``np.random.default_rng([seed, epoch])`` and the dropout masks of
 ``model.reseed_dropout((seed, epoch))``. last.npz holds the weights, Adam's moments and step, the
 callbacks' counters and the history, so 2 epochs + ``--resume`` 2 more give, on the CPU, bit for bit
-the weights of 4 epochs straight.
+the weights of 4 epochs straight (with the same ``threads``).
+
+On the CPU every batch is split between ``threads`` threads, each running the whole network on its
+share (:class:`tinyunet.parallel.DataParallel`); the functions below take either a UNet or that.
 
 The data arrays go to the model's device once, before the first epoch; batches are gathered there, so
 no step copies between host and device. Numbers reach the host only at a sync (every step on the
@@ -60,6 +63,7 @@ from tinyunet.layers import sigmoid
 from tinyunet.losses import binary_crossentropy, pixel_accuracy
 from tinyunet.metrics import best_threshold, competition_score, threshold_sweep
 from tinyunet.optim import Adam
+from tinyunet.parallel import DataParallel
 from tinyunet.pipeline import FITS, from_network, probabilities, to_network
 from tinyunet.unet import UNet
 
@@ -76,6 +80,7 @@ class TrainConfig:
 
     data: str | None = None  # folder or zip in Kaggle's layout; None: ./data/... or the synthetic set
     gpu: bool = False  # train on CuPy
+    threads: int | None = None  # CPU threads sharing every batch (tinyunet.parallel); None: every usable core
     epochs: int = 40  # total epochs (a resumed run counts the ones already done)
     batch_size: int = 8
     features: int = 8  # filters at the top level, doubled per level down
@@ -246,6 +251,8 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"--dropout {shown} is invalid: give one rate in [0, 1) per level, comma-separated "
                           f"({config.depth} at --depth {config.depth})")
     need(config.preset in ("recipe", "quick"), "preset", "it must be 'recipe' or 'quick'")
+    need(config.threads is None or (_is_int(config.threads) and config.threads >= 1), "threads",
+         "it must be a whole number >= 1 (or leave it out to use every core)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -534,7 +541,8 @@ def _setup(config: TrainConfig, run: Path, resume_from):
     return model, optimizer, history, prep, config
 
 
-def _describe(config: TrainConfig, run: Path, model, prep: Prepared, resumed_after: int | None) -> None:
+def _describe(config: TrainConfig, run: Path, net: DataParallel, prep: Prepared,
+              resumed_after: int | None) -> None:
     """The few lines that say what this run is about to do."""
     h, w = prep.val_truth.shape[1:]
     s, s2 = prep.x_val.shape[1:3]
@@ -543,9 +551,9 @@ def _describe(config: TrainConfig, run: Path, model, prep: Prepared, resumed_aft
     _say(f"split: {len(prep.train_idx)} train" + (f" (x2 with left-right flips = {len(prep.x_train)})"
                                                   if config.flip else "")
          + f", {len(prep.val_idx)} validation, stratified by coverage class (seed {config.seed})")
-    _say(f"model: U-Net features={config.features} depth={config.depth} dropout={model.config['dropout']}, "
-         f"{model.count_params():,} parameters; input {h}x{w} -> {s}x{s2} ({config.fit}); "
-         f"{'CPU (NumPy)' if model.xp is np else 'GPU (CuPy)'}")
+    _say(f"model: U-Net features={config.features} depth={config.depth} dropout={net.config['dropout']}, "
+         f"{net.model.count_params():,} parameters; input {h}x{w} -> {s}x{s2} ({config.fit}); "
+         f"{f'CPU (NumPy), {net.threads} thread(s)' if net.xp is np else 'GPU (CuPy)'}")
     if config.preset == "quick":
         kept = [f"{key}={value}" for key, value in QUICK.items() if getattr(config, key) == value]
         changed = [f"{key}={getattr(config, key)}" for key, value in QUICK.items() if getattr(config, key) != value]
@@ -575,13 +583,14 @@ def train(config: TrainConfig) -> Path:
     run = prepare_run_folder(out, resuming=resume_from is not None)
     try:
         model, optimizer, history, prep, config = _setup(config, run, resume_from)
+        net = DataParallel(model, config.threads)  # what runs the batches; model holds the weights
     except BaseException:  # bad data, no GPU, Ctrl-C while reading: leave no empty run folder behind
         if created and run.is_dir() and not any(run.iterdir()):
             run.rmdir()
         raise
     write_latest(run)
 
-    _describe(config, run, model, prep, resumed_after=len(history) if resume_from is not None else None)
+    _describe(config, run, net, prep, resumed_after=len(history) if resume_from is not None else None)
     stale = remove_stale_temporaries(run)  # what a killed run was writing when it died
     if stale:
         _say(f"removed {len(stale)} half-written temporary file(s) left by a killed run: "
@@ -624,8 +633,8 @@ def train(config: TrainConfig) -> Path:
                 started = time.perf_counter()
                 lr = float(optimizer.lr)
                 try:
-                    loss, acc = train_epoch(model, optimizer, prep.x_train, prep.y_train, config, epoch)
-                    val_loss, val_acc, val_score = evaluate(model, prep, config)
+                    loss, acc = train_epoch(net, optimizer, prep.x_train, prep.y_train, config, epoch)
+                    val_loss, val_acc, val_score = evaluate(net, prep, config)
                     if not math.isfinite(val_loss):
                         raise TrainingDiverged(f"the validation loss became {val_loss} after epoch {epoch + 1}")
                 except TrainingDiverged as err:
@@ -653,7 +662,7 @@ def train(config: TrainConfig) -> Path:
                     _say(f"early stopping: val_loss has not improved for {es.wait} epochs "
                          f"(best {es.best:.4f} at epoch {es.best_epoch + 1})")
                     break
-            summary = finish(model, prep, config, run, history)
+            summary = finish(net, prep, config, run, history)
     except KeyboardInterrupt:
         raise TrainingInterrupted("interrupted (Ctrl-C); " + _saved_note(run, last_saved, history)
                                   + f" Continue with: python train.py --resume {run}") from None

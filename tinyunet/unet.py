@@ -173,6 +173,14 @@ class UNet:
                 raise ValueError(f"{name}: shape {tuple(value.shape)}, model has {own[name].shape}")
             own[name][...] = as_array(value, self.xp)
 
+    def replica(self) -> UNet:
+        """A UNet that shares this one's parameter arrays (so it sees every update) but keeps its own
+        gradients, forward caches and dropout streams: one per thread in :mod:`tinyunet.parallel`."""
+        twin = UNet(**self.config, dtype=self.dtype, gpu=self.xp is not np)
+        for (_, mine), (_, its) in zip(self.named_layers(), twin.named_layers()):
+            its.params = mine.params
+        return twin
+
     @property
     def dropouts(self) -> list[Dropout]:
         return [block.dropout for block in self.encoders + self.decoders]
