@@ -14,6 +14,7 @@ import argparse
 import numpy as np
 
 from benchmarks.common import machine, median_ms, torch_or_none, torch_unet
+from tinyunet.parallel import DataParallel, usable_cores
 from tinyunet.pipeline import probabilities
 from tinyunet.unet import UNet
 
@@ -24,18 +25,20 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs; the median is shown")
     parser.add_argument("--gpu", action="store_true", help="run on CuPy and PyTorch CUDA")
+    parser.add_argument("--threads", type=int, default=usable_cores(),
+                        help="threads sharing each batch (default: every usable core, as predict.py uses)")
     args = parser.parse_args()
 
     images = np.random.default_rng(0).random((args.images, 101, 101), dtype=np.float32)
     print(f"machine: {machine()}")
     print(f"{args.images} images 101x101 -> 128 -> 101, batch {args.batch_size}, float32, "
           f"median of {args.repeats} runs")
-    model = UNet(gpu=args.gpu)
-    sync = model.xp.cuda.Device().synchronize if args.gpu else (lambda: None)
-    ms, _ = median_ms(lambda: probabilities(model, images, "resize", 128, args.batch_size),
+    net = DataParallel(UNet(gpu=args.gpu), args.threads)
+    sync = net.xp.cuda.Device().synchronize if args.gpu else (lambda: None)
+    ms, _ = median_ms(lambda: probabilities(net, images, "resize", 128, args.batch_size),
                       args.repeats, warmup=1, sync=sync)
     ours = args.images / ms * 1e3
-    print(f"tinyunet         : {ours:8.1f} images/s")
+    print(f"tinyunet         : {ours:8.1f} images/s  ({net.threads} thread(s))")
     torch = torch_or_none()
     if torch is None:
         print("PyTorch not importable: no comparison")
