@@ -1,9 +1,10 @@
 """Peak memory of batch-8 training, tinyunet beside PyTorch, each in a fresh process.
 
-    python -m benchmarks.bench_memory [--batch-size 8] [--steps 3]
+    python -m benchmarks.bench_memory [--batch-size 8] [--steps 3] [--threads N]
 
 Each framework runs a few training steps (forward + BCE + backward + Adam) of the features=8 U-Net
-at 128x128 in its own subprocess; the peak resident memory (ru_maxrss) is read after the steps and
+at 128x128 in its own subprocess (tinyunet with its batch shared by --threads threads, as training
+runs it); the peak resident memory (ru_maxrss) is read after the steps and
 after the imports alone, and the difference is what training itself needed. The ratio is printed
 last.
 """
@@ -15,13 +16,16 @@ import json
 import subprocess
 import sys
 
+from tinyunet.parallel import usable_cores
+
 TINYUNET = """
 import json, resource, numpy as np
 from tinyunet.unet import UNet
 from tinyunet.losses import binary_crossentropy
 from tinyunet.optim import Adam
+from tinyunet.parallel import DataParallel
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-model = UNet(); opt = Adam(model.params)
+model = DataParallel(UNet(), THREADS); opt = Adam(model.params)
 rng = np.random.default_rng(0)
 x = rng.random((BATCH, 128, 128, 1), dtype=np.float32)
 y = (rng.random((BATCH, 128, 128, 1)) > 0.5).astype(np.float32)
@@ -44,9 +48,9 @@ print(json.dumps([base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss]))
 """
 
 
-def peak_mb(code: str, batch: int, steps: int) -> tuple[float, float]:
+def peak_mb(code: str, batch: int, steps: int, threads: int = 1) -> tuple[float, float]:
     """(peak RSS after imports, peak RSS after training) in MiB, from a fresh interpreter."""
-    code = code.replace("BATCH", str(batch)).replace("STEPS", str(steps))
+    code = code.replace("BATCH", str(batch)).replace("STEPS", str(steps)).replace("THREADS", str(threads))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     base, peak = json.loads(out.stdout.strip().splitlines()[-1])
     return base / 1024, peak / 1024  # ru_maxrss is in KiB on Linux
@@ -56,9 +60,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=8, help="images per step (default 8)")
     parser.add_argument("--steps", type=int, default=3, help="training steps before reading the peak")
+    parser.add_argument("--threads", type=int, default=usable_cores(),
+                        help="threads sharing each batch (default: every usable core, as training uses)")
     args = parser.parse_args()
-    base, peak = peak_mb(TINYUNET, args.batch_size, args.steps)
-    print(f"tinyunet: peak {peak:7.1f} MiB, after imports {base:6.1f} MiB, training {peak - base:7.1f} MiB")
+    base, peak = peak_mb(TINYUNET, args.batch_size, args.steps, args.threads)
+    print(f"tinyunet: peak {peak:7.1f} MiB, after imports {base:6.1f} MiB, training {peak - base:7.1f} MiB "
+          f"({args.threads} thread(s))")
     try:
         import torch  # noqa: F401  (only to know whether the comparison can run)
     except ImportError:
