@@ -217,13 +217,15 @@ class MaxPooling2D:
     The window's p*p positions are p*p strided views of ``x`` (every p-th pixel from (i, j)), so
     the max is p*p - 1 elementwise maxima. Backward sends each output gradient to the one input that
     won its window (the first, on ties) and zero to the rest, including any dropped row/column.
+    Forward keeps references to its input and output, not the winners: they are found only when a
+    backward needs them, so inference pays for the maxima alone.
     """
 
     def __init__(self, pool_size: int = 2):
         self.pool_size = pool_size
         self.params, self.grads = {}, {}
-        self.argmax = None  # (N, OH, OW, C) uint8: which of the p*p positions won, k = i*p + j
-        self.x_shape = None  # (N, H, W, C)
+        self.x = None  # (N, H, W, C) the input (in the U-Net, the skip the decoder keeps anyway)
+        self.out = None  # (N, OH, OW, C) the maxima
 
     def _positions(self, x, oh: int, ow: int):
         """The p*p views x[:, i::p, j::p] cut to (N, OH, OW, C), in k = i*p + j order."""
@@ -238,18 +240,18 @@ class MaxPooling2D:
         out = positions[0].copy()  # (N, OH, OW, C)
         for view in positions[1:]:
             xp.maximum(out, view, out=out)
-        argmax = xp.full(out.shape, p * p - 1, dtype=xp.uint8)
-        for k in reversed(range(p * p - 1)):  # downwards, so the first winner is the one kept
-            argmax = xp.where(positions[k] == out, xp.uint8(k), argmax)
-        self.argmax, self.x_shape = argmax, x.shape
+        self.x, self.out = x, out
         return out
 
     def backward(self, dout):
         xp = get_array_module(dout)
         _, oh, ow, _ = dout.shape
-        dx = xp.zeros(self.x_shape, dtype=dout.dtype)  # (N, H, W, C)
-        for k, view in enumerate(self._positions(dx, oh, ow)):
-            view[...] = dout * (self.argmax == k)
+        dx = xp.zeros(self.x.shape, dtype=dout.dtype)  # (N, H, W, C)
+        taken = xp.zeros(self.out.shape, dtype=bool)  # windows whose winner is already found
+        for view, dview in zip(self._positions(self.x, oh, ow), self._positions(dx, oh, ow)):
+            wins = (view == self.out) & ~taken  # the first position holding the max wins its window
+            dview[...] = dout * wins
+            taken |= wins
         return dx
 
     # --- study mode: shape and cost from the input shape alone (UNet.summary, tinyunet.inspect) ---
