@@ -12,7 +12,7 @@ The sum is exact because the loss is a mean over the *whole* batch: its gradient
 carries the 1/(N*H*W) of every pixel, so each shard's slice of it is that shard's share of dL/dW.
 
 Why not let BLAS thread each matrix product instead? With 8 to 16 channels most of a step is thin
-matrix products and elementwise passes (padding, ReLU masks, pooling, concatenation) that NumPy runs
+matrix products and elementwise passes (padding, ReLU, pooling, concatenation, dropout) that NumPy runs
 on one core; threading whole shards puts every core on all of it. Inside the shards BLAS runs on one
 thread (threadpoolctl), so k shards use k cores and never fight over them.
 
@@ -42,8 +42,8 @@ class DataParallel:
 
     Same interface as the model for what training and prediction call: ``forward(x, train)``,
     ``backward(dlogits, input_grad)``, ``reseed_dropout(seed)``, ``load_params``, ``params``,
-    ``grads``, ``xp``, ``dtype`` and ``config``. Shard 0 is ``model`` itself, so after ``backward`` the summed
-    gradients are in ``model.grads``. A batch of B images uses min(threads, B) shards of sizes that
+    ``grads``, ``xp``, ``dtype`` and ``config``. Shard 0 is ``model`` itself, so after ``backward``
+    the summed gradients are in ``model.grads``. A batch of B images uses min(threads, B) shards of sizes that
     differ by at most one. ``threads=None`` uses every usable core; on CuPy it is always 1.
     """
 
