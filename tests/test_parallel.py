@@ -9,6 +9,7 @@ from threadpoolctl import threadpool_info
 from tinyunet.gradcheck import assert_gradients_close, numerical_gradient
 from tinyunet.losses import binary_crossentropy
 from tinyunet.optim import Adam
+from tinyunet import parallel
 from tinyunet.parallel import DataParallel
 from tinyunet.unet import UNet
 
@@ -52,6 +53,27 @@ def test_shards_give_the_whole_batch_numbers(threads, batch, shards):
     np.testing.assert_allclose(got[2], dx, rtol=1e-12, atol=1e-14)
     for name, grad in grads.items():
         np.testing.assert_allclose(got[3][name], grad, rtol=1e-10, atol=1e-14, err_msg=name)
+
+
+def test_inference_in_pieces_gives_the_same_logits(monkeypatch):
+    """train=False runs each shard in pieces of INFERENCE_PIXELS pixels: the same logits, no backward."""
+    x, _ = _batch(7)
+    expected = _model().forward(x)
+    monkeypatch.setattr(parallel, "INFERENCE_PIXELS", 2 * 16 * 16)  # pieces of 2 images
+    net = DataParallel(_model(), 2)
+    calls = []
+    for replica in net.replicas:
+        forward = replica.forward
+
+        def counting(x, train=False, forward=forward):
+            calls.append(len(x))
+            return forward(x, train)
+
+        replica.forward = counting
+    np.testing.assert_allclose(net.forward(x), expected, rtol=1e-12, atol=1e-14)
+    assert sorted(calls) == [1, 2, 2, 2]  # shards of 4 and 3 images, in pieces of at most 2
+    with pytest.raises(RuntimeError, match="needs a forward with train=True"):
+        net.backward(np.ones_like(expected))
 
 
 def test_no_input_gradient_when_not_asked():
