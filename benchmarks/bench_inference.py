@@ -1,6 +1,6 @@
 """Inference throughput: images/s predicting 101x101 test images, beside PyTorch's eval mode.
 
-    python -m benchmarks.bench_inference [--images 256] [--batch-size 32] [--repeats 5] [--gpu]
+    python -m benchmarks.bench_inference [--images 256] [--batch-size 32] [--repeats 5] [--gpu] [--threads N]
 
 tinyunet runs the whole prediction path of predict.py (resize 101 -> 128, forward without dropout,
 sigmoid, resize back to 101); PyTorch runs the same network in eval mode under no_grad with the same

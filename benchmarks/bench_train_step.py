@@ -1,6 +1,6 @@
 """Time one training step (forward + BCE + backward + Adam) of the seed U-Net, beside PyTorch's.
 
-    python benchmarks/bench_train_step.py [--batch-size 8] [--size 128] [--repeats 10] [--gpu]
+    python -m benchmarks.bench_train_step [--batch-size 8] [--size 128] [--repeats 10] [--gpu] [--threads N]
 
 Prints ms/step, images/s and GFLOP/s (FLOPs of every conv and up-conv, counted from the layers;
 backward counted as twice the forward), then PyTorch's eager step on the same device in NCHW and
