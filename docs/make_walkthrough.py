@@ -396,7 +396,7 @@ offsets are {offsets}, each slice has L = N*Hp*Wp - {offsets[-1]} = {length} row
 rows per image are kept ({L("valid", cv, "def valid(")}); the rest ran past the right or bottom edge. With
 C = 1 a single-column GEMM would crawl, so taps are grouped: {groups} (a ({length}, 8) then a ({length}, 1)
 product); from C = 8 on, every tap is its own group ({deep_groups} GEMMs for `enc2.conv2`).
-Forward: {L("out += cols @ W", lay, "out[:length] += cols @ W_group")};
+Forward: {L("out += cols @ W", lay, "product = xp.matmul(cols, W_group, out=product)")};
 backward: {L("dW = cols^T @ d_rows", lay, "dW_rows[block] = cols.T @ d_rows[:length]")} and
 {L("dx_rows[off:off + L] += d_rows @ W^T", lay, "dx_rows[off:off + length] += d_cols[:, k * c:(k + 1) * c]")}.
 

@@ -72,13 +72,15 @@ class Conv2D:
         W_rows = W.reshape(-1, W.shape[3])  # (KH*KW*C, F): tap t's weights are rows t*C:(t+1)*C
         # (N*Hp*Wp, F); the rows past L are never written: they are border rows, which valid() drops
         out = xp.empty((len(x_rows), W.shape[3]), dtype=xp.result_type(x, W))
+        product = None  # (L, F): one buffer for every later group's product, not one array each
         for k, group in enumerate(tap_groups(len(offsets), c)):
             cols = gather_taps(x_rows, offsets[group.start:group.stop], length)  # (L, g*C)
             W_group = W_rows[group.start * c:group.stop * c]  # (g*C, F)
             if k == 0:
                 xp.matmul(cols, W_group, out=out[:length])  # the first group writes, the rest add
             else:
-                out[:length] += cols @ W_group
+                product = xp.matmul(cols, W_group, out=product)
+                out[:length] += product
         out[length:] = 0  # border rows no tap reaches: zeros, so that adding the bias stays finite
         # out += b, with each padded image line (Wp pixels) as one row: NumPy is ~4x slower adding a
         # vector as short as F = 8 to every row than adding it tiled Wp times to rows of Wp*F values
@@ -102,7 +104,7 @@ class Conv2D:
         length = len(d_rows) - offsets[-1]
         W_rows = W.reshape(-1, f)  # (KH*KW*C, F)
         dW_rows = self.grads["W"].reshape(-1, f)  # a view: writing it fills grads["W"]
-        dx_rows = None
+        dx_rows = d_cols = None
         if input_grad:  # (N*Hp*Wp, C); the tap at offset 0 writes rows [0, L), the others add
             dx_rows = xp.empty_like(self.x_rows, dtype=xp.result_type(dout, W))
             dx_rows[length:] = 0  # only the taps at later offsets reach these rows
@@ -112,7 +114,8 @@ class Conv2D:
             cols = gather_taps(self.x_rows, group_offsets, length)  # (L, g*C)
             dW_rows[block] = cols.T @ d_rows[:length]  # (g*C, F)
             if input_grad:
-                d_cols = d_rows[:length] @ W_rows[block].T  # (L, g*C)
+                reuse = d_cols if d_cols is not None and d_cols.shape[1] == len(group) * c else None
+                d_cols = xp.matmul(d_rows[:length], W_rows[block].T, out=reuse)  # (L, g*C)
                 for k, off in enumerate(group_offsets):
                     if off == 0:
                         dx_rows[:length] = d_cols[:, :c]
