@@ -18,8 +18,8 @@ thread (threadpoolctl), so k shards use k cores and never fight over them.
 
 Inference (``train=False``) goes one step further: each shard runs its images in pieces of about
 ``INFERENCE_PIXELS`` pixels (4 images of 128 x 128), small enough that a piece's activations stay in
-the cores' caches between layers. Nothing is kept for a backward there, so backward needs a
-training forward.
+the cores' caches between layers. The replicas' caches then hold only their last piece, so a
+backward needs a training forward.
 
 Results depend (slightly) on the number of shards: each shard draws its own dropout masks, and the
 gradient sums are added in another order. The same seed and thread count repeat a run exactly.
@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-# Pixels per inference forward: on 2 cores a 4-image piece of 128 x 128 predicted 10-15 % faster per
+# Pixels per inference forward: on 2 cores a 4-image piece of 128 x 128 predicted about 15 % faster per
 # image than a 16-image one (see docs/performance.md); training keeps the whole shard, as backward needs.
 INFERENCE_PIXELS = 4 * 128 * 128
 
