@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tinyunet import training
-from tinyunet.checkpoint import CheckpointError, load_checkpoint
+from tinyunet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from tinyunet.data import DataError
 from tinyunet.synth import generate
 from tinyunet.training import (HISTORY_COLUMNS, QUICK, ConfigError, TrainConfig, TrainingDiverged,
@@ -276,6 +276,18 @@ def test_output_folder_problems(tiny_data, tmp_path):
 def test_missing_data_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         train(build_config({"data": str(tmp_path / "nowhere"), "out": str(tmp_path / "run"), **TINY}))
+
+
+def test_a_resumed_run_shows_the_rate_it_continues_at(tiny_data, tmp_path, capsys):
+    run = train(tiny(tiny_data, tmp_path / "run", epochs=1))
+    last = load_checkpoint(run / "last.npz")
+    state = dict(last.optimizer_state, lr=1e-4)  # as if ReduceLROnPlateau had cut it
+    save_checkpoint(run / "last.npz", last.params, last.meta, state)
+    capsys.readouterr()
+    train(build_config({"resume": str(run), "epochs": 2}))
+    out = capsys.readouterr().out
+    assert "lr=0.0001 (reduced on plateau from 0.001)" in out
+    assert "lr 1.0e-04" in out  # the epoch line: the rate the epoch actually used
 
 
 def test_resume_checks(tiny_data, tmp_path):

@@ -542,7 +542,7 @@ def _setup(config: TrainConfig, run: Path, resume_from):
 
 
 def _describe(config: TrainConfig, run: Path, net: DataParallel, prep: Prepared,
-              resumed_after: int | None) -> None:
+              resumed_after: int | None, lr: float) -> None:
     """The few lines that say what this run is about to do."""
     h, w = prep.val_truth.shape[1:]
     s, s2 = prep.x_val.shape[1:3]
@@ -560,7 +560,8 @@ def _describe(config: TrainConfig, run: Path, net: DataParallel, prep: Prepared,
         _say("settings: QUICK defaults for the built-in synthetic set (" + ", ".join(kept) + ")"
              + (f", overridden by flags: {', '.join(changed)}" if changed else "; flags override them")
              + "; with --data the seed recipe's defaults apply")
-    _say(f"training: epochs={config.epochs} batch_size={config.batch_size} lr={config.lr}; early stopping "
+    lr_note = f" (reduced on plateau from {config.lr:g})" if lr != config.lr else ""  # a resumed run's
+    _say(f"training: epochs={config.epochs} batch_size={config.batch_size} lr={lr:g}{lr_note}; early stopping "
          f"patience {config.patience}; lr x{config.lr_factor} after {config.lr_patience} epochs without "
          f"improvement (min {config.min_lr})")
 
@@ -590,7 +591,8 @@ def train(config: TrainConfig) -> Path:
         raise
     write_latest(run)
 
-    _describe(config, run, net, prep, resumed_after=len(history) if resume_from is not None else None)
+    _describe(config, run, net, prep, resumed_after=len(history) if resume_from is not None else None,
+              lr=optimizer.lr)
     stale = remove_stale_temporaries(run)  # what a killed run was writing when it died
     if stale:
         _say(f"removed {len(stale)} half-written temporary file(s) left by a killed run: "
