@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from tinyunet.backend import GPUUnavailableError, as_numpy
-from tinyunet.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from tinyunet.checkpoint import Checkpoint, CheckpointError, load_checkpoint, temporary_path
 from tinyunet.data import DataError, fingerprint, load_test, load_train
 from tinyunet.evaluation import Report, evaluate as score_report
 from tinyunet.parallel import DataParallel
@@ -211,7 +211,7 @@ def write_submission(path: str | os.PathLike, ids: list[str], masks: np.ndarray)
     path = Path(path)
     if len(ids) != len(masks):
         raise ValueError(f"write_submission got {len(ids)} ids for {len(masks)} masks")
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    tmp = temporary_path(path)
     try:
         with open(tmp, "x", newline="", encoding="utf-8") as f:
             writer = csv.writer(f, lineterminator="\n")

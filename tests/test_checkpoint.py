@@ -210,7 +210,7 @@ def test_stale_temporaries_of_dead_writers_are_removed_and_nothing_else(tmp_path
                           text=True, check=True)
     dead_pid = int(dead.stdout)  # that process has exited
     stale = tmp_path / f".best.npz.{dead_pid}.0a1b2c3d.tmp"
-    live = tmp_path / f".last.npz.{os.getpid()}.0a1b2c3d.tmp"  # a writer still at work
+    live = ckpt.temporary_path(tmp_path / "last.npz")  # this process: a writer still at work
     others = [tmp_path / ".hidden", tmp_path / f"best.npz.{dead_pid}.0a1b2c3d.tmp", tmp_path / "last.npz"]
     for path in [stale, live, *others]:
         path.write_bytes(b"x")

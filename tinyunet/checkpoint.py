@@ -140,7 +140,7 @@ def save_checkpoint(
         raise CheckpointError(f"cannot write checkpoint {path}: it is a folder; give a file name such as best.npz")
     arrays = _collect(params, meta, optimizer_state)
     directory = path.parent
-    tmp = directory / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    tmp = temporary_path(path)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as err:
@@ -167,7 +167,16 @@ def save_checkpoint(
     return path
 
 
-_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")  # .best.npz.<pid>.<hex>.tmp
+def temporary_path(path: Path) -> Path:
+    """The hidden file an atomic write of ``path`` goes through: ``.<name>.<pid>.<hex>.tmp`` beside it.
+
+    Every atomic writer in tinyunet uses it (checkpoints, the run's text files, the submission), so
+    :func:`remove_stale_temporaries` can tell a killed writer's file (its pid is gone) from a live one's.
+    """
+    return path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+
+
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")  # what temporary_path makes
 
 
 def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:

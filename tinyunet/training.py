@@ -56,7 +56,7 @@ import numpy as np
 from tinyunet.backend import as_array, as_numpy
 from tinyunet.callbacks import EarlyStopping, ModelCheckpoint, ReduceLROnPlateau
 from tinyunet.checkpoint import (CheckpointError, check_compatible, load_checkpoint, remove_stale_temporaries,
-                                 save_checkpoint)
+                                 save_checkpoint, temporary_path)
 from tinyunet.data import (DataError, augment_hflip, check_finite, coverage, coverage_class,
                            fingerprint, load_train, minibatches, stratified_split)
 from tinyunet.layers import sigmoid
@@ -304,7 +304,7 @@ def prepare_run_folder(out: str | os.PathLike | None, resuming: bool) -> Path:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    tmp = temporary_path(path)
     try:
         tmp.write_text(text)
         os.replace(tmp, path)
