@@ -398,7 +398,7 @@ C = 1 a single-column GEMM would crawl, so taps are grouped: {groups} (a ({lengt
 product); from C = 8 on, every tap is its own group ({deep_groups} GEMMs for `enc2.conv2`).
 Forward: {L("out += cols @ W", lay, "product = xp.matmul(cols, W_group, out=product)")};
 backward: {L("dW = cols^T @ d_rows", lay, "dW_rows[block] = cols.T @ d_rows[:length]")} and
-{L("dx_rows[off:off + L] += d_rows @ W^T", lay, "dx_rows[off:off + length] += d_cols[:, k * c:(k + 1) * c]")}.
+{L("dx_rows[off:off + L] += d_rows @ W^T", lay, "dx_rows[off:off + length] += product")}.
 
 **Why the input gradient is a transposed convolution.** A convolution is linear in x: y = A x for a big sparse
 matrix A whose rows hold the kernel, shifted once per output pixel. The gradient of a linear map is the

@@ -104,26 +104,23 @@ class Conv2D:
         length = len(d_rows) - offsets[-1]
         W_rows = W.reshape(-1, f)  # (KH*KW*C, F)
         dW_rows = self.grads["W"].reshape(-1, f)  # a view: writing it fills grads["W"]
-        dx_rows = d_cols = None
-        if input_grad:  # (N*Hp*Wp, C); the tap at offset 0 writes rows [0, L), the others add
-            dx_rows = xp.empty_like(self.x_rows, dtype=xp.result_type(dout, W))
-            dx_rows[length:] = 0  # only the taps at later offsets reach these rows
-        for group in tap_groups(len(offsets), c):
-            group_offsets = offsets[group.start:group.stop]
+        for group in tap_groups(len(offsets), c):  # the taps grouped as in forward
             block = slice(group.start * c, group.stop * c)
-            cols = gather_taps(self.x_rows, group_offsets, length)  # (L, g*C)
+            cols = gather_taps(self.x_rows, offsets[group.start:group.stop], length)  # (L, g*C)
             dW_rows[block] = cols.T @ d_rows[:length]  # (g*C, F)
-            if input_grad:
-                reuse = d_cols if d_cols is not None and d_cols.shape[1] == len(group) * c else None
-                d_cols = xp.matmul(d_rows[:length], W_rows[block].T, out=reuse)  # (L, g*C)
-                for k, off in enumerate(group_offsets):
-                    if off == 0:
-                        dx_rows[:length] = d_cols[:, :c]
-                    else:
-                        dx_rows[off:off + length] += d_cols[:, k * c:(k + 1) * c]
         self.grads["b"][...] = column_sums(d_rows)  # sum of dout over N, H, W (d_rows: zeros elsewhere)
         if not input_grad:
             return None
+        dx_rows = xp.empty_like(self.x_rows, dtype=xp.result_type(dout, W))  # (N*Hp*Wp, C)
+        dx_rows[length:] = 0  # only the taps at later offsets reach these rows
+        product = None  # (L, C): one buffer for every later tap's product, not one array each
+        for t, off in enumerate(offsets):
+            W_t = W_rows[t * c:(t + 1) * c].T  # (F, C)
+            if t == 0:  # offset 0: the first tap writes rows [0, L), the others add
+                xp.matmul(d_rows[:length], W_t, out=dx_rows[:length])
+            else:
+                product = xp.matmul(d_rows[:length], W_t, out=product)
+                dx_rows[off:off + length] += product
         return valid(dx_rows, n, hp, wp, top + h, left + w)[:, top:, left:]  # (N, H, W, C)
 
     # --- study mode: shape and cost from the input shape alone (UNet.summary, tinyunet.inspect) ---
