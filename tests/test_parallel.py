@@ -10,7 +10,7 @@ from tinyunet.gradcheck import assert_gradients_close, numerical_gradient
 from tinyunet.losses import binary_crossentropy
 from tinyunet.optim import Adam
 from tinyunet import parallel
-from tinyunet.parallel import DataParallel
+from tinyunet.parallel import DataParallel, usable_cores
 from tinyunet.unet import UNet
 
 
@@ -28,6 +28,11 @@ def _batch(n: int, size: int = 16, seed: int = 0):
     x = rng.standard_normal((n, size, size, 1))
     y = (rng.random((n, size, size, 1)) > 0.6).astype(np.float64)
     return x, y
+
+
+def _dropouts(net: DataParallel) -> list:
+    """Every replica's dropout layers, shard 0's first."""
+    return [layer for replica in net.replicas for layer in replica.dropouts]
 
 
 def _step(net, x, y, input_grad: bool = True):
@@ -101,9 +106,9 @@ def test_whole_network_gradient_check_through_the_shards():
     x, y = _batch(3, size=8, seed=1)
     net = DataParallel(_model(dropout=(0.25, 0.5), features=1), 3)  # 488 parameters: a few seconds
     net.forward(x, train=True)  # every shard draws its masks once ...
-    for layer in net.dropouts:
+    for layer in _dropouts(net):
         layer.frozen = True  # ... and keeps them for every evaluation below
-    assert len(net.dropouts) == 3 * 4 and any(float((layer.mask == 0).mean()) > 0 for layer in net.dropouts)
+    assert len(_dropouts(net)) == 3 * 4 and any(float((layer.mask == 0).mean()) > 0 for layer in _dropouts(net))
 
     def loss() -> float:
         return float(binary_crossentropy(net.forward(x, train=True), y)[0])
@@ -136,7 +141,7 @@ def test_each_shard_draws_its_own_masks_and_reseeding_repeats_them():
 
     def masks():
         net.forward(x, train=True)
-        return [layer.mask.copy() for layer in net.dropouts]
+        return [layer.mask.copy() for layer in _dropouts(net)]
 
     net.reseed_dropout((7, 0))
     first = masks()
@@ -167,12 +172,11 @@ def test_blas_runs_single_threaded_inside_the_shards_and_is_restored():
 def test_bad_thread_counts():
     with pytest.raises(ValueError, match="threads must be at least 1"):
         DataParallel(_model(), 0)
-    assert DataParallel(_model(), None).threads >= 1  # every usable core
+    assert DataParallel(_model(), None).threads == usable_cores()  # every core this process may use
 
 
-def test_on_cupy_there_is_one_shard(xp):
-    if xp is np:
-        pytest.skip("the CuPy case")
-    model = UNet(features=2, depth=2, dropout=(0.0, 0.0), gpu=True)
+def test_as_many_shards_as_threads_on_numpy_and_one_on_cupy(xp):
+    model = UNet(features=2, depth=2, dropout=(0.0, 0.0), gpu=xp is not np)
     net = DataParallel(model, 4)
-    assert net.threads == 1 and net.replicas == [model]
+    shards = 4 if xp is np else 1  # on a GPU the device is the parallelism
+    assert net.threads == shards and len(net.replicas) == shards and net.replicas[0] is model

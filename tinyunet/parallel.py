@@ -79,11 +79,6 @@ class DataParallel:
         """Copy values into the shared parameter arrays (every replica sees them)."""
         self.model.load_params(params)
 
-    @property
-    def dropouts(self) -> list:
-        """Every replica's dropout layers (gradient checks freeze their masks)."""
-        return [layer for replica in self.replicas for layer in replica.dropouts]
-
     def reseed_dropout(self, seed) -> None:
         """Replica 0 (the model) reseeds with ``seed``; replica k > 0 with ``(*seed, k)``."""
         for k, replica in enumerate(self.replicas):
