@@ -13,8 +13,8 @@ import argparse
 
 import numpy as np
 
-from benchmarks.common import machine, median_ms, torch_or_none, torch_unet
-from tinyunet.parallel import DataParallel, usable_cores
+from benchmarks.common import add_threads_flag, machine, median_ms, torch_or_none, torch_unet
+from tinyunet.parallel import DataParallel
 from tinyunet.pipeline import probabilities
 from tinyunet.unet import UNet
 
@@ -25,8 +25,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs; the median is shown")
     parser.add_argument("--gpu", action="store_true", help="run on CuPy and PyTorch CUDA")
-    parser.add_argument("--threads", type=int, default=usable_cores(),
-                        help="threads sharing each batch (default: every usable core, as predict.py uses)")
+    add_threads_flag(parser, "predict.py")
     args = parser.parse_args()
 
     images = np.random.default_rng(0).random((args.images, 101, 101), dtype=np.float32)

@@ -16,7 +16,7 @@ import json
 import subprocess
 import sys
 
-from tinyunet.parallel import usable_cores
+from benchmarks.common import add_threads_flag
 
 TINYUNET = """
 import json, resource, numpy as np
@@ -60,8 +60,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=8, help="images per step (default 8)")
     parser.add_argument("--steps", type=int, default=3, help="training steps before reading the peak")
-    parser.add_argument("--threads", type=int, default=usable_cores(),
-                        help="threads sharing each batch (default: every usable core, as training uses)")
+    add_threads_flag(parser, "training")
     args = parser.parse_args()
     base, peak = peak_mb(TINYUNET, args.batch_size, args.steps, args.threads)
     print(f"tinyunet: peak {peak:7.1f} MiB, after imports {base:6.1f} MiB, training {peak - base:7.1f} MiB "

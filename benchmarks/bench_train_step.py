@@ -13,11 +13,11 @@ import argparse
 
 import numpy as np
 
-from benchmarks.common import machine, median_ms, torch_or_none, torch_unet
+from benchmarks.common import add_threads_flag, machine, median_ms, torch_or_none, torch_unet
 from tinyunet.backend import as_array
 from tinyunet.losses import binary_crossentropy
 from tinyunet.optim import Adam
-from tinyunet.parallel import DataParallel, usable_cores
+from tinyunet.parallel import DataParallel
 from tinyunet.unet import UNet
 
 
@@ -68,8 +68,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128, help="image height and width (default 128)")
     parser.add_argument("--repeats", type=int, default=10, help="timed steps; the median is shown")
     parser.add_argument("--gpu", action="store_true", help="run on CuPy and PyTorch CUDA")
-    parser.add_argument("--threads", type=int, default=usable_cores(),
-                        help="threads sharing each batch (default: every usable core, as training uses)")
+    add_threads_flag(parser, "training")
     args = parser.parse_args()
 
     print(f"machine: {machine()}")

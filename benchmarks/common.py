@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from tinyunet.parallel import usable_cores
+
 
 
 def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2,
@@ -27,6 +29,12 @@ def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2,
         sync()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times), times
+
+
+def add_threads_flag(parser, used_by: str) -> None:
+    """``--threads N``: threads sharing each batch, by default every usable core, as ``used_by`` runs."""
+    parser.add_argument("--threads", type=int, default=usable_cores(),
+                        help=f"threads sharing each batch (default: every usable core, as {used_by} does)")
 
 
 def machine() -> str:
