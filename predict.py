@@ -266,9 +266,10 @@ def predict(
 
     ``model`` defaults to ``runs/<runs/latest>/best.npz``, ``data`` to the data folder recorded in
     the checkpoint. ``threshold`` defaults to the checkpoint's best threshold (0.5 when it has
-    none). ``threads`` CPU threads share every batch (default: every usable core). ``preview`` defaults to ``<out stem>_preview.png`` beside ``out``. With ``evaluate`` the
-    labelled train part of ``data`` is predicted and scored instead, the threshold-vs-score plot goes
-    to ``<out stem>_threshold.png`` and no submission is written. Every input is checked before the
+    none). ``threads`` CPU threads share every batch (default: every usable core). ``preview``
+    defaults to ``<out stem>_preview.png`` beside ``out``. With ``evaluate`` the labelled train part
+    of ``data`` is predicted and scored instead, the threshold-vs-score plot goes to
+    ``<out stem>_threshold.png`` and no submission is written. Every input is checked before the
     slow work starts; problems raise one of :data:`USER_ERRORS` with a one-line message.
     """
     # --- the arguments, before anything slow ---------------------------------------------------

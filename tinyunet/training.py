@@ -560,7 +560,7 @@ def _describe(config: TrainConfig, run: Path, net: DataParallel, prep: Prepared,
         _say("settings: QUICK defaults for the built-in synthetic set (" + ", ".join(kept) + ")"
              + (f", overridden by flags: {', '.join(changed)}" if changed else "; flags override them")
              + "; with --data the seed recipe's defaults apply")
-    lr_note = f" (reduced on plateau from {config.lr:g})" if lr != config.lr else ""  # a resumed run's
+    lr_note = f" (reduced on plateau from {config.lr:g})" if lr != config.lr else ""  # only on a resume
     _say(f"training: epochs={config.epochs} batch_size={config.batch_size} lr={lr:g}{lr_note}; early stopping "
          f"patience {config.patience}; lr x{config.lr_factor} after {config.lr_patience} epochs without "
          f"improvement (min {config.min_lr})")
