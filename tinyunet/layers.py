@@ -264,7 +264,7 @@ class MaxPooling2D:
 
     def flops(self, input_shape: tuple[int, ...]) -> int:
         """0: comparisons, no multiply-adds (FLOPs here count multiply-adds x 2, as
-        ``benchmarks.common.forward_flops`` does)."""
+        :meth:`tinyunet.unet.UNet.layer_table` and the benchmarks do)."""
         return 0
 
 
