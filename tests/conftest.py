@@ -1,10 +1,18 @@
-"""Shared fixtures: the array backends every engine test runs on."""
+"""Shared fixtures: the array backends every engine test runs on.
+
+``xp`` is NumPy, then CuPy: real CuPy where a CUDA GPU is usable, else the NumPy-backed stand-in of
+``cupy_standin.py``. ``TINYUNET_TEST_GPU=1`` (``python -m benchmarks.gpu_check`` sets it) demands the
+real thing: every CuPy test then runs on the GPU, and fails rather than falls back when it cannot.
+"""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
 
+import cupy_standin
 from tinyunet.backend import GPUUnavailableError, gpu_backend
 
 
@@ -20,16 +28,30 @@ def _cupy_reason() -> str | None:
 _CUPY_SKIP = _cupy_reason()
 
 
-@pytest.fixture(params=["numpy", "cupy"])
-def xp(request):
-    """The array module under test: NumPy always, CuPy when a GPU is present."""
-    if request.param == "numpy":
-        return np
-    if _CUPY_SKIP is not None:
-        pytest.skip(f"CuPy backend not available: {_CUPY_SKIP}")
-    import cupy
+REAL_GPU = os.environ.get("TINYUNET_TEST_GPU") == "1"
 
-    return cupy
+
+def cupy_under_test(monkeypatch):
+    """Real CuPy when a GPU is usable (required under TINYUNET_TEST_GPU=1), else the stand-in."""
+    if _CUPY_SKIP is None:
+        import cupy
+
+        return cupy
+    if REAL_GPU:
+        pytest.fail(f"TINYUNET_TEST_GPU=1 but the GPU is not usable: {_CUPY_SKIP}")
+    return cupy_standin.install(monkeypatch)
+
+
+@pytest.fixture(params=["numpy", "cupy"])
+def xp(request, monkeypatch):
+    """The array module under test: NumPy, then CuPy (real on a GPU, else the stand-in)."""
+    return np if request.param == "numpy" else cupy_under_test(monkeypatch)
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """What ``gpu=True`` runs on in this test: real CuPy on a GPU, else the stand-in."""
+    return cupy_under_test(monkeypatch)
 
 
 @pytest.fixture

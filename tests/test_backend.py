@@ -8,6 +8,7 @@ import types
 import numpy as np
 import pytest
 
+import cupy_standin
 from tinyunet import backend
 from tinyunet.backend import GPUUnavailableError, as_array, as_numpy, get_array_module, get_backend
 
@@ -48,4 +49,25 @@ def test_gpu_with_zero_devices(monkeypatch):
         runtime=types.SimpleNamespace(getDeviceCount=lambda: 0)))
     monkeypatch.setattr(backend, "_cupy_or_none", lambda: fake)
     with pytest.raises(GPUUnavailableError, match="no CUDA device"):
+        get_backend(gpu=True)
+
+
+def test_gpu_backend_passes_on_a_working_cupy(monkeypatch):
+    cupy = cupy_standin.install(monkeypatch)
+    assert get_backend(gpu=True) is cupy
+
+
+@pytest.mark.parametrize("part, library", [("kernel", "NVRTC"), ("matmul", "cuBLAS"), ("draw", "cuRAND")])
+def test_gpu_with_a_cuda_library_missing_names_it(monkeypatch, part, library):
+    """A machine with only the driver: CuPy imports and finds the device, then a library fails to load."""
+    cupy = cupy_standin.install(monkeypatch)
+
+    def missing(*args, **kwargs):
+        raise ImportError(f"lib{library.lower()}.so.12: cannot open shared object file: No such file or directory")
+
+    where, name = {"kernel": (cupy, "arange"), "matmul": (cupy_standin.ndarray, "__matmul__"),
+                   "draw": (cupy.random, "default_rng")}[part]
+    monkeypatch.setattr(where, name, missing)
+    with pytest.raises(GPUUnavailableError, match=rf"--gpu needs .*{library}.*ImportError.*"
+                                                  r"pip install 'tinyunet\[gpu\]'.*or drop --gpu"):
         get_backend(gpu=True)

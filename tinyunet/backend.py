@@ -4,7 +4,8 @@ Every op starts with ``xp = get_array_module(x)`` and then writes ``xp.something
 on NumPy arrays on the CPU and on CuPy arrays on the GPU. There is no second copy of any op.
 
 CuPy imports fine on a machine without a GPU and fails only at first use, so :func:`gpu_backend`
-checks for a CUDA device up front and says which of the two (CuPy, a device) is missing.
+tries each part --gpu needs up front (a device, a compiled kernel, cuBLAS, cuRAND) and says which
+is missing, before any data is read.
 """
 
 from __future__ import annotations
@@ -35,10 +36,39 @@ def get_array_module(*arrays):
     return np
 
 
-def gpu_backend():
-    """Return the ``cupy`` module after checking that CuPy and a CUDA device are both usable.
+# pip installs these with CuPy: cupy-cuda12x[ctk] brings CUDA 12's libraries as wheels
+CUDA_LIBRARIES = "pip install 'tinyunet[gpu]' (or install the CUDA Toolkit 12)"
 
-    Raises :class:`GPUUnavailableError` naming what is missing: CuPy itself, or a CUDA device/driver.
+
+def _device_parts(cupy):
+    """(what --gpu needs, its cheapest use, the fix) for each part CuPy loads only when first used."""
+
+    def device():
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            raise RuntimeError("no CUDA device")
+
+    def kernel():  # an elementwise kernel, compiled at first use by NVRTC, then run
+        (cupy.arange(4, dtype=cupy.float32) * 2).sum().item()
+
+    def matmul():
+        a = cupy.ones((4, 4), dtype=cupy.float32)
+        (a @ a).sum().item()
+
+    def draw():
+        cupy.random.default_rng(0).random(4, dtype=cupy.float32).sum().item()
+
+    return ((device, "a CUDA GPU, and CuPy found none it can use", "check nvidia-smi and the CUDA driver"),
+            (kernel, "CuPy to compile and run a kernel (CUDA's NVRTC compiler and a driver for CUDA 12)",
+             CUDA_LIBRARIES),
+            (matmul, "cuBLAS, CUDA's matrix-product library", CUDA_LIBRARIES),
+            (draw, "cuRAND, CUDA's random-number library (the dropout masks)", CUDA_LIBRARIES))
+
+
+def gpu_backend():
+    """Return the ``cupy`` module after checking that CuPy, a CUDA device and the CUDA libraries
+    training uses (NVRTC, cuBLAS, cuRAND) all work.
+
+    Raises :class:`GPUUnavailableError` naming what is missing and how to install it.
     """
     cupy = _cupy_or_none()
     if cupy is None:
@@ -46,16 +76,12 @@ def gpu_backend():
             "--gpu needs CuPy, which is not installed: pip install 'tinyunet[gpu]' "
             "(or the cupy-cudaXXx wheel matching your CUDA), or drop --gpu to run on the CPU"
         )
-    try:
-        count = cupy.cuda.runtime.getDeviceCount()
-        if count < 1:
-            raise RuntimeError("no CUDA device")
-        cupy.zeros(1).sum().item()  # the first real use: a driver or toolkit mismatch shows up here
-    except Exception as err:  # CuPy raises several CUDA error types; all mean "no usable device"
-        raise GPUUnavailableError(
-            f"--gpu needs a CUDA GPU, and CuPy found none it can use ({type(err).__name__}: {err}); "
-            "check nvidia-smi and the CUDA driver, or drop --gpu to run on the CPU"
-        ) from None
+    for use, need, fix in _device_parts(cupy):
+        try:
+            use()
+        except Exception as err:  # CuPy raises CUDA errors, ImportError or OSError for a missing library
+            raise GPUUnavailableError(f"--gpu needs {need} ({type(err).__name__}: {err}); {fix}, "
+                                      "or drop --gpu to run on the CPU") from None
     return cupy
 
 

@@ -16,10 +16,11 @@ matrix products and elementwise passes (padding, ReLU, pooling, concatenation, d
 on one core; threading whole shards puts every core on all of it. Inside the shards BLAS runs on one
 thread (threadpoolctl), so k shards use k cores and never fight over them.
 
-Inference (``train=False``) goes one step further: each shard runs its images in pieces of about
-``INFERENCE_PIXELS`` pixels (4 images of 128 x 128), small enough that a piece's activations stay in
-the cores' caches between layers. The replicas' caches then hold only their last piece, so a
-backward needs a training forward.
+Inference (``train=False``) on the CPU goes one step further: each shard runs its images in pieces
+of about ``INFERENCE_PIXELS`` pixels (4 images of 128 x 128), small enough that a piece's activations
+stay in the cores' caches between layers. The replicas' caches then hold only their last piece, so a
+backward needs a training forward. A GPU predicts its whole batch at once: in 4-image pieces it would
+spend its time waiting for kernel launches.
 
 Results depend (slightly) on the number of shards: each shard draws its own dropout masks, and the
 gradient sums are added in another order. The same seed and thread count repeat a run exactly.
@@ -34,8 +35,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-# Pixels per inference forward: on 2 cores a 4-image piece of 128 x 128 predicted about 15 % faster per
-# image than a 16-image one (see docs/performance.md); training keeps the whole shard, as backward needs.
+# Pixels per inference forward on the CPU: on 2 cores a 4-image piece of 128 x 128 predicted about 15 %
+# faster per image than a 16-image one (see docs/performance.md); training keeps the whole shard, as
+# backward needs, and so does the GPU.
 INFERENCE_PIXELS = 4 * 128 * 128
 
 
@@ -73,11 +75,12 @@ class DataParallel:
     dtype = property(lambda self: self.model.dtype)
     config = property(lambda self: self.model.config)
     params = property(lambda self: self.model.params)
+    buffers = property(lambda self: self.model.buffers)
     grads = property(lambda self: self.model.grads)
 
-    def load_params(self, params) -> None:
-        """Copy values into the shared parameter arrays (every replica sees them)."""
-        self.model.load_params(params)
+    def load_params(self, params, buffers=None) -> None:
+        """Copy values into the shared parameter (and buffer) arrays: every replica sees them."""
+        self.model.load_params(params, buffers)
 
     def reseed_dropout(self, seed) -> None:
         """Replica 0 (the model) reseeds with ``seed``; replica k > 0 with ``(*seed, k)``."""
@@ -106,7 +109,9 @@ class DataParallel:
         return self._join(outs)
 
     def _infer(self, replica, x):
-        """``replica.forward(x)`` in pieces of about INFERENCE_PIXELS pixels, joined."""
+        """``replica.forward(x)``, on the CPU in pieces of about INFERENCE_PIXELS pixels, joined."""
+        if self.xp is not np:
+            return replica.forward(x)
         piece = max(1, INFERENCE_PIXELS // (x.shape[1] * x.shape[2]))
         return self._join([replica.forward(x[start:start + piece]) for start in range(0, len(x), piece)])
 
