@@ -18,7 +18,7 @@ real GPU would:
 * **promotion**: ``"legacy"`` (the default) applies NumPy 1.x's value-based casting to Python and NumPy
   scalars beside device arrays, as CuPy 13 does (a float32 array divided by an int above 65535 becomes
   float64); ``"weak"`` applies NEP 50, as CuPy 14 and NumPy 2 do. 0-d device arrays count by dtype alone
-  under both, as on CuPy;
+  under both, as on CuPy. Both need NumPy 2 underneath: NumPy 1.x casts by value itself, whatever the mode;
 * **the GPU-only branches** of tinyunet: one shard, whole-shard inference, host syncs every
   ``GPU_SYNC_EVERY`` steps, the backend's device checks.
 

@@ -22,6 +22,8 @@ from tinyunet import training
 from tinyunet.backend import as_array, as_numpy
 from tinyunet.checkpoint import load_checkpoint
 from tinyunet.layers import Dropout
+from tinyunet.losses import binary_crossentropy
+from tinyunet.optim import Adam
 from tinyunet.parallel import DataParallel
 from tinyunet.synth import generate
 from tinyunet.training import build_config, train
@@ -122,6 +124,23 @@ def test_dropout_draws_per_backend(gpu, monkeypatch):
     values = as_numpy(on_gpu)
     assert on_gpu.dtype == np.float32 and set(np.unique(values)) == {0, np.float32(1 / (1 - dropped / 2 ** 16))}
     assert 0.6 < (values > 0).mean() < 0.8
+
+
+def test_a_gpu_training_step_reads_nothing_on_the_host(monkeypatch):
+    """The GPU path's step (one shard) makes no copy either way; test_host_transfers checks the CPU's shards."""
+    cupy = cupy_standin.install(monkeypatch)
+    net = DataParallel(UNet(features=2, depth=2, dropout=(0.3, 0.3), gpu=True))
+    rng = np.random.default_rng(0)
+    x = cupy.asarray(rng.random((4, 16, 16, 1), dtype=np.float32))
+    y = cupy.asarray((rng.random((4, 16, 16, 1)) > 0.5).astype(np.float32))
+    opt = Adam(net.params)
+    cupy_standin.refuse_host_reads(monkeypatch)
+    monkeypatch.setattr(cupy, "asarray", lambda *args, **kwargs: pytest.fail("a host-to-device copy in the step"))
+    for _ in range(2):
+        loss, dlogits = binary_crossentropy(net.forward(x, train=True), y)
+        net.backward(dlogits, input_grad=False)
+        opt.step(net.grads)
+    assert isinstance(loss, cupy.ndarray) and loss.ndim == 0
 
 
 # --------------------------------------------------------------------------------------------
