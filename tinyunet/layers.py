@@ -4,7 +4,9 @@ Every layer follows one interface:
 
 * ``forward(x, train=False)`` returns the output and keeps only what ``backward`` needs;
 * ``backward(dout)`` takes dL/d(output), returns dL/d(input) and fills ``grads``;
-* ``params`` and ``grads`` are dicts with the same keys (``"W"``, ``"b"``); empty without parameters.
+* ``params`` and ``grads`` are dicts with the same keys (``"W"``, ``"b"``); empty without parameters;
+* ``buffers`` holds state that is not trained (BatchNormalization's moving statistics): saved in
+  checkpoints beside the parameters, never touched by the optimizer; empty for every other layer.
 
 Arrays are channels-last, ``(N, H, W, C)``, as in Keras; see :mod:`tinyunet.conv` for the notation.
 Every op takes its array module from its input (``xp = get_array_module(x)``), so the same code runs
@@ -28,7 +30,8 @@ def glorot_uniform(shape: tuple[int, ...], fan_in: int, fan_out: int, rng: np.ra
 
 
 class Conv2D:
-    """A 2-D convolution with 'same' padding, stride 1 and a bias.
+    """A 2-D convolution with 'same' padding, stride 1 and a bias (``use_bias=False``: none, as
+    where a BatchNormalization follows, whose beta would only duplicate it).
 
         out[n, y, x, f] = sum_(i, j, c) x_pad[n, y + i, x + j, c] * W[i, j, c, f] + b[f]
 
@@ -46,25 +49,25 @@ class Conv2D:
     the *transposed* convolution of ``dout`` by ``W``, built from the same shifted slices.
     """
 
-    def __init__(self, c_in: int, c_out: int, kernel_size: int = 3, *, rng=None,
+    def __init__(self, c_in: int, c_out: int, kernel_size: int = 3, *, use_bias: bool = True, rng=None,
                  dtype=np.float32, xp=np):
         kh = kw = kernel_size
         self.kernel_size = (kh, kw)
         self.pads = same_pads(kh, kw)  # (top, bottom, left, right)
         rng = np.random.default_rng(rng)
         W = glorot_uniform((kh, kw, c_in, c_out), kh * kw * c_in, kh * kw * c_out, rng, dtype)
-        self.params = {
-            "W": as_array(W, xp),  # (KH, KW, C, F)
-            "b": xp.zeros(c_out, dtype=dtype),  # (F,)
-        }
-        self.grads = {"W": xp.zeros_like(self.params["W"]), "b": xp.zeros_like(self.params["b"])}
+        self.params = {"W": as_array(W, xp)}  # (KH, KW, C, F)
+        if use_bias:
+            self.params["b"] = xp.zeros(c_out, dtype=dtype)  # (F,)
+        self.grads = {key: xp.zeros_like(value) for key, value in self.params.items()}
+        self.buffers = {}
         self.x_rows = None  # (N*Hp*Wp, C) the zero-padded input as rows, for dW
         self.grid = None  # (N, Hp, Wp, H, W): the padded grid and the output size on it
 
     def forward(self, x, train: bool = False):
         xp = get_array_module(x)
         kh, kw = self.kernel_size
-        W, b = self.params["W"], self.params["b"]
+        W = self.params["W"]
         n, h, w, c = x.shape
         x_rows, (hp, wp) = padded_rows(x, self.pads)  # (N*Hp*Wp, C)
         offsets = tap_offsets(kh, kw, wp)
@@ -82,10 +85,11 @@ class Conv2D:
                 product = xp.matmul(cols, W_group, out=product)
                 out[:length] += product
         out[length:] = 0  # border rows no tap reaches: zeros, so that adding the bias stays finite
-        # out += b, with each padded image line (Wp pixels) as one row: NumPy is ~4x slower adding a
-        # vector as short as F = 8 to every row than adding it tiled Wp times to rows of Wp*F values
-        lines = out.reshape(n * hp, wp * W.shape[3])  # (N*Hp, Wp*F), a view
-        lines += xp.tile(b, wp)
+        if "b" in self.params:
+            # out += b, with each padded image line (Wp pixels) as one row: NumPy is ~4x slower adding a
+            # vector as short as F = 8 to every row than adding it tiled Wp times to rows of Wp*F values
+            lines = out.reshape(n * hp, wp * W.shape[3])  # (N*Hp, Wp*F), a view
+            lines += xp.tile(self.params["b"], wp)
         self.x_rows, self.grid = x_rows, (n, hp, wp, h, w)
         return valid(out, n, hp, wp, h, w)  # (N, H, W, F)
 
@@ -108,7 +112,8 @@ class Conv2D:
             block = slice(group.start * c, group.stop * c)
             cols = gather_taps(self.x_rows, offsets[group.start:group.stop], length)  # (L, g*C)
             dW_rows[block] = cols.T @ d_rows[:length]  # (g*C, F)
-        self.grads["b"][...] = column_sums(d_rows)  # sum of dout over N, H, W (d_rows: zeros elsewhere)
+        if "b" in self.grads:
+            self.grads["b"][...] = column_sums(d_rows)  # sum of dout over N, H, W (d_rows: zeros elsewhere)
         if not input_grad:
             return None
         dx_rows = xp.empty_like(self.x_rows, dtype=xp.result_type(dout, W))  # (N*Hp*Wp, C)
@@ -168,6 +173,7 @@ class Conv2DTranspose:
             "b": xp.zeros(c_out, dtype=dtype),  # (F,)
         }
         self.grads = {"W": xp.zeros_like(self.params["W"]), "b": xp.zeros_like(self.params["b"])}
+        self.buffers = {}
         self.x2d = None  # (N*H*W, C) the input as rows, for dW
 
     def _w_rows(self):
@@ -223,7 +229,7 @@ class MaxPooling2D:
 
     def __init__(self, pool_size: int = 2):
         self.pool_size = pool_size
-        self.params, self.grads = {}, {}
+        self.params, self.grads, self.buffers = {}, {}, {}
         self.x = None  # (N, H, W, C) the input (in the U-Net, the skip the decoder keeps anyway)
         self.out = None  # (N, OH, OW, C) the maxima
 
@@ -276,7 +282,7 @@ class ReLU:
     """
 
     def __init__(self):
-        self.params, self.grads = {}, {}
+        self.params, self.grads, self.buffers = {}, {}, {}
         self.out = None  # (N, H, W, C) the forward output; out > 0 exactly where x > 0
 
     def forward(self, x, train: bool = False):
@@ -302,7 +308,7 @@ class Sigmoid:
     """out = 1 / (1 + exp(-x));  dx = dout * out * (1 - out)."""
 
     def __init__(self):
-        self.params, self.grads = {}, {}
+        self.params, self.grads, self.buffers = {}, {}, {}
         self.out = None  # the forward output, all backward needs
 
     def forward(self, x, train: bool = False):
@@ -337,8 +343,8 @@ class Dropout:
         out = x * mask,   mask = keep / (1 - rate),   keep ~ Bernoulli(1 - rate)
         dx  = dout * mask
 
-    ``keep`` compares 16-bit random integers with ``rate * 2**16`` (half the random bits of a
-    float draw, and faster), so the rate is applied to within 2**-17.
+    ``keep`` drops ``round(rate * 2**16)`` of 2**16 equally likely draws, so the rate is applied to
+    within 2**-17; :meth:`_keep` draws them the cheaper way on each backend.
 
     ``mask`` stays inspectable after a training forward. With ``frozen = True`` a training forward
     reuses the last mask instead of drawing a new one (gradient checks need the same mask twice).
@@ -348,7 +354,7 @@ class Dropout:
         if not 0 <= rate < 1:
             raise ValueError(f"Dropout rate must be in [0, 1), got {rate}")
         self.rate = rate
-        self.params, self.grads = {}, {}
+        self.params, self.grads, self.buffers = {}, {}, {}
         self.xp = xp  # the array module the masks are drawn on
         self.rng = make_rng(xp, seed)  # draws the masks
         self.frozen = False  # reuse the current mask in training forwards
@@ -364,11 +370,20 @@ class Dropout:
         if not self.train:
             return x
         if not (self.frozen and self.mask is not None and self.mask.shape == x.shape):
-            xp = get_array_module(x)
             dropped = round(self.rate * 2 ** 16)  # of 2**16 equally likely draws
-            keep = self.rng.integers(0, 2 ** 16, size=x.shape, dtype=xp.uint16) >= dropped
-            self.mask = keep * x.dtype.type(2 ** 16 / (2 ** 16 - dropped))
+            self.mask = self._keep(x.shape, dropped) * x.dtype.type(2 ** 16 / (2 ** 16 - dropped))
         return x * self.mask
+
+    def _keep(self, shape: tuple[int, ...], dropped: int):
+        """keep ~ Bernoulli(1 - dropped / 2**16), as a bool array of ``shape``.
+
+        NumPy draws 16-bit integers: half the random bits of a float32, and faster. CuPy draws integers
+        as 32 random bits and then casts them in a second kernel, so there one kernel of float32
+        uniforms, compared with the same fraction ``dropped / 2**16`` (exact in float32), is cheaper.
+        """
+        if self.xp is np:
+            return self.rng.integers(0, 2 ** 16, size=shape, dtype=np.uint16) >= dropped
+        return self.rng.random(shape, dtype=np.float32) >= np.float32(dropped / 2 ** 16)
 
     def backward(self, dout):
         return dout * self.mask if self.train else dout
@@ -388,7 +403,7 @@ class Concatenate:
     """Join two inputs on the channel axis: out = [a, b];  da, db = the matching slices of dout."""
 
     def __init__(self):
-        self.params, self.grads = {}, {}
+        self.params, self.grads, self.buffers = {}, {}, {}
         self.split = None  # channels of the first input
 
     def forward(self, a, b, train: bool = False):
@@ -411,4 +426,125 @@ class Concatenate:
 
     def flops(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> int:
         """0: a copy, no arithmetic."""
+        return 0
+
+
+class BatchNormalization:
+    """Batch normalisation over N, H and W for each channel, as Keras computes it.
+
+    Training, with M = N*H*W values per channel and the batch's mean and *biased* variance:
+
+        mean = sum x / M     var = sum (x - mean)^2 / M     xhat = (x - mean) / sqrt(var + epsilon)
+        out  = gamma * xhat + beta
+        moving = momentum * moving + (1 - momentum) * batch      (for the mean and the variance)
+
+    Inference uses the moving statistics instead: ``out = x * scale + shift`` with
+    ``scale = gamma / sqrt(moving_variance + epsilon)``, ``shift = beta - moving_mean * scale``.
+
+    Backward (training), the compact form of the chain rule through mean and var:
+
+        dgamma = sum dout * xhat      dbeta = sum dout
+        dx     = gamma / sqrt(var + epsilon) * (dout - (dbeta + xhat * dgamma) / M)
+
+    ``updates_moving = False`` normalises with the batch but leaves the moving statistics alone: the
+    data-parallel replicas (:mod:`tinyunet.parallel`) share the model's buffers and only the model
+    itself, shard 0, updates them, as PyTorch's DataParallel keeps device 0's.
+    """
+
+    def __init__(self, channels: int, momentum: float = 0.99, epsilon: float = 1e-3, *,
+                 dtype=np.float32, xp=np):
+        self.momentum, self.epsilon = momentum, epsilon
+        self.params = {"gamma": xp.ones(channels, dtype=dtype), "beta": xp.zeros(channels, dtype=dtype)}  # (C,)
+        self.grads = {key: xp.zeros_like(value) for key, value in self.params.items()}
+        self.buffers = {"moving_mean": xp.zeros(channels, dtype=dtype),  # (C,)
+                        "moving_variance": xp.ones(channels, dtype=dtype)}  # (C,)
+        self.updates_moving = True  # a training forward updates the moving statistics
+        self.train = False  # whether the last forward normalised with the batch's statistics
+        self.x = None  # (N, H, W, C) the last inference forward's input (study mode's backward)
+        self.xhat = None  # (N*H*W, C) the normalised input of the last training forward
+        self.inv_std = None  # (C,) 1 / sqrt(var + epsilon) of that batch
+
+    def forward(self, x, train: bool = False):
+        xp = get_array_module(x)
+        gamma, beta = self.params["gamma"], self.params["beta"]
+        rows = x.reshape(-1, x.shape[3])  # (M, C), M = N*H*W
+        one = x.dtype.type(1)
+        self.train = train
+        if not train:
+            self.x = x
+            scale = gamma * self._moving_inv_std()  # (C,)
+            shift = beta - self.buffers["moving_mean"] * scale
+            return (rows * scale + shift).reshape(x.shape)
+        inv_m = one / x.dtype.type(len(rows))
+        mean = column_sums(rows) * inv_m  # (C,)
+        centred = rows - mean  # (M, C)
+        var = column_sums(centred * centred) * inv_m  # (C,) biased, as Keras normalises
+        self.inv_std = one / xp.sqrt(var + x.dtype.type(self.epsilon))
+        self.xhat = centred
+        self.xhat *= self.inv_std  # in place: the centred rows become xhat
+        if self.updates_moving:
+            m = x.dtype.type(self.momentum)
+            for name, batch in (("moving_mean", mean), ("moving_variance", var)):
+                moving = self.buffers[name]
+                moving *= m
+                moving += (one - m) * batch
+        return (self.xhat * gamma + beta).reshape(x.shape)
+
+    def _moving_inv_std(self):
+        variance = self.buffers["moving_variance"]
+        return variance.dtype.type(1) / get_array_module(variance).sqrt(variance + variance.dtype.type(self.epsilon))
+
+    def backward(self, dout):
+        drows = dout.reshape(-1, dout.shape[3])  # (M, C)
+        if not self.train:  # after an inference forward (study mode): an affine map, statistics fixed
+            inv_std = self._moving_inv_std()
+            xhat = (self.x.reshape(drows.shape) - self.buffers["moving_mean"]) * inv_std
+            self.grads["beta"][...] = column_sums(drows)
+            self.grads["gamma"][...] = column_sums(drows * xhat)
+            return dout * (self.params["gamma"] * inv_std)
+        inv_m = dout.dtype.type(1) / dout.dtype.type(len(drows))
+        dbeta = column_sums(drows)  # (C,)
+        dgamma = column_sums(drows * self.xhat)  # (C,)
+        self.grads["beta"][...] = dbeta
+        self.grads["gamma"][...] = dgamma
+        dx = drows - (self.xhat * (dgamma * inv_m) + dbeta * inv_m)  # (M, C)
+        dx *= self.params["gamma"] * self.inv_std
+        return dx.reshape(dout.shape)
+
+    # --- study mode: shape and cost from the input shape alone (UNet.summary, tinyunet.inspect) ---
+
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Per channel: the shape is kept."""
+        return tuple(input_shape)
+
+    def flops(self, input_shape: tuple[int, ...]) -> int:
+        """0: a scale and a shift per value at inference (and could be folded into the conv before it),
+        no multiply-adds of a convolution."""
+        return 0
+
+
+class Add:
+    """The sum of two inputs of one shape (a residual block's shortcut): out = a + b;  da = db = dout."""
+
+    def __init__(self):
+        self.params, self.grads, self.buffers = {}, {}, {}
+
+    def forward(self, a, b, train: bool = False):
+        if a.shape != b.shape:
+            raise ValueError(f"Add needs two inputs of one shape; got {a.shape} and {b.shape}")
+        return a + b
+
+    def backward(self, dout):
+        return dout, dout
+
+    # --- study mode: shape and cost from the input shapes alone (UNet.summary, tinyunet.inspect) ---
+
+    def output_shape(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Two equal shapes -> the same shape."""
+        if tuple(a_shape) != tuple(b_shape):
+            raise ValueError(f"Add needs two inputs of one shape; got {a_shape} and {b_shape}")
+        return tuple(a_shape)
+
+    def flops(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> int:
+        """0: one addition per value, no multiply-adds."""
         return 0
