@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tinyunet import training
+from tinyunet import losses
 
 
 def exit_code(main, argv: list) -> int:
@@ -28,7 +28,7 @@ def poison_loss(monkeypatch, at_call: int, factor: float) -> dict:
 
     Returns the live call count, ``{"n": calls so far}``.
     """
-    real = training.binary_crossentropy
+    real = losses.LOSSES["bce"]
     calls = {"n": 0}
 
     def poisoned(logits, target):
@@ -36,5 +36,5 @@ def poison_loss(monkeypatch, at_call: int, factor: float) -> dict:
         loss, dlogits = real(logits, target)
         return (loss * factor if calls["n"] == at_call else loss), dlogits
 
-    monkeypatch.setattr(training, "binary_crossentropy", poisoned)
+    monkeypatch.setitem(losses.LOSSES, "bce", poisoned)
     return calls

@@ -26,10 +26,106 @@ def binary_crossentropy(logits, target):
         raise ValueError(f"logits {logits.shape} and target {target.shape} must have the same shape")
     target = target.astype(logits.dtype, copy=False)
     loss = (xp.maximum(logits, 0) - logits * target + xp.log1p(xp.exp(-xp.abs(logits)))).mean()
-    dlogits = (sigmoid(logits) - target) / logits.size
+    # the count as a scalar of the logits' dtype: a Python int above 65535 would make dlogits float64
+    # under value-based promotion (NumPy 1.x, CuPy 13), and with it the whole backward
+    dlogits = (sigmoid(logits) - target) / logits.dtype.type(logits.size)
     return loss, dlogits
 
 
 def pixel_accuracy(logits, target):
     """Fraction of pixels where (sigmoid(logit) > 0.5) agrees with (target > 0.5); a 0-d array."""
     return ((logits > 0) == (target > 0.5)).mean()
+
+
+# --------------------------------------------------------------------------------------------
+# The Lovász hinge (Berman, Rannen Triki and Blaschko, CVPR 2018)
+# --------------------------------------------------------------------------------------------
+
+def lovasz_grad(gt_sorted):
+    """The Lovász extension's gradient of the Jaccard loss at errors sorted in descending order.
+
+    ``gt_sorted`` (N, P): each image's truth (0/1) in the order of its sorted errors. With
+    ``gts`` the image's truth count, after the k-th pixel
+    ``jaccard_k = 1 - (gts - cumsum(gt)_k) / (gts + cumsum(1 - gt)_k)``; the weights are its
+    increments ``jaccard_k - jaccard_(k-1)`` (the first one is ``jaccard_1`` itself).
+    """
+    xp = get_array_module(gt_sorted)
+    gts = gt_sorted.sum(axis=1, keepdims=True)  # (N, 1)
+    intersection = gts - xp.cumsum(gt_sorted, axis=1)  # (N, P)
+    union = gts + xp.cumsum(1 - gt_sorted, axis=1)  # >= 1 everywhere: no division by zero
+    jaccard = 1 - intersection / union
+    jaccard[:, 1:] = jaccard[:, 1:] - jaccard[:, :-1]
+    return jaccard
+
+
+def lovasz_hinge(logits, target, per_image: bool = True, variant: str = "relu"):
+    """The Lovász hinge of ``logits`` against binary ``target`` (N, H, W, 1); returns ``(loss, dlogits)``.
+
+    Per image, with sign s = 2*target - 1 and hinge errors e = 1 - logit * s, sorted in descending order:
+
+        loss_image = sum_k f(e_sorted[k]) * lovasz_grad(truth in that order)[k]
+        f = relu (Berman et al.), or f(e) = elu(e) + 1 (``variant="elu"``, smooth and never flat)
+
+    then the mean over images (``per_image=True``, as the competition averages images) or one
+    sort over every pixel of the batch. The sort is piecewise constant, so away from ties the
+    gradient is the weights times f'(e) times de/dlogit = -s.
+    """
+    xp = get_array_module(logits)
+    if logits.shape != target.shape:
+        raise ValueError(f"logits {logits.shape} and target {target.shape} must have the same shape")
+    if variant not in ("relu", "elu"):
+        raise ValueError(f"lovasz_hinge variant must be 'relu' or 'elu', got {variant!r}")
+    rows = logits.reshape(len(logits), -1) if per_image else logits.reshape(1, -1)  # (N, P) or (1, N*P)
+    truth = target.reshape(rows.shape).astype(logits.dtype, copy=False)
+    signs = 2 * truth - 1
+    errors = 1 - rows * signs
+    order = xp.argsort(-errors, axis=1)  # descending errors, image by image
+    errors_sorted = xp.take_along_axis(errors, order, axis=1)
+    weights = lovasz_grad(xp.take_along_axis(truth, order, axis=1))  # (N, P)
+    if variant == "relu":
+        f, df = xp.maximum(errors_sorted, 0), (errors_sorted > 0).astype(logits.dtype)
+    else:  # elu(e) + 1 = e + 1 for e > 0, exp(e) otherwise
+        exp = xp.exp(xp.minimum(errors_sorted, 0))
+        f, df = xp.where(errors_sorted > 0, errors_sorted + 1, exp), xp.where(errors_sorted > 0, 1, exp)
+    one = logits.dtype.type(1)
+    scale = one / logits.dtype.type(len(rows))  # the mean over images
+    loss = (f * weights).sum() * scale
+    d_sorted = df * weights * scale  # dL / d e_sorted
+    d_errors = xp.empty_like(d_sorted)
+    xp.put_along_axis(d_errors, order, d_sorted, axis=1)
+    dlogits = (-signs * d_errors).reshape(logits.shape)
+    return loss, dlogits
+
+
+def symmetric_lovasz(logits, target, variant: str = "relu"):
+    """(Lovász hinge of the salt + Lovász hinge of the background) / 2, per image: the second term
+    scores the inverted mask with negated logits, so empty images are judged on their background."""
+    salt, dsalt = lovasz_hinge(logits, target, variant=variant)
+    background, dbackground = lovasz_hinge(-logits, 1 - target, variant=variant)
+    half = logits.dtype.type(0.5)
+    return (salt + background) * half, (dsalt - dbackground) * half
+
+
+def bce_lovasz(logits, target):
+    """Binary cross-entropy + the per-image Lovász hinge (elu + 1): BCE's dense signal on every
+    pixel, Lovász's on the IoU that the competition scores."""
+    bce, dbce = binary_crossentropy(logits, target)
+    lovasz, dlovasz = lovasz_hinge(logits, target, variant="elu")
+    return bce + lovasz, dbce + dlovasz
+
+
+# Every loss a config can name: (logits, target) -> (loss, dlogits).
+LOSSES = {
+    "bce": binary_crossentropy,
+    "lovasz": lovasz_hinge,
+    "lovasz_elu": lambda logits, target: lovasz_hinge(logits, target, variant="elu"),
+    "lovasz_symmetric": symmetric_lovasz,
+    "bce_lovasz": bce_lovasz,
+}
+
+
+def get_loss(name: str):
+    """The loss called ``name`` in :data:`LOSSES`; ValueError naming the choices otherwise."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}: choose one of {', '.join(LOSSES)}")
+    return LOSSES[name]
