@@ -138,7 +138,7 @@ def generate(args) -> str:
     from PIL import Image
 
     from tinyunet import inspect as ins
-    from tinyunet.checkpoint import load_checkpoint
+    from tinyunet.models import load_model
     from tinyunet.conv import tap_groups, tap_offsets
     from tinyunet.data import coverage, coverage_class, read_image, read_mask
     from tinyunet.layers import Conv2D, Conv2DTranspose, sigmoid
@@ -149,10 +149,8 @@ def generate(args) -> str:
     from tinyunet.unet import UNet
 
     model_path = resolve_model(args.model)
-    ckpt = load_checkpoint(model_path)
+    model, ckpt = load_model(model_path)
     meta = ckpt.meta
-    model = UNet(**meta["model"])
-    model.load_params(ckpt.params)
     fit, size = meta.get("fit", "resize"), meta.get("input_size", 128)
     depth = model.config["depth"]
     threshold = meta.get("best_threshold")
@@ -343,8 +341,8 @@ It is a small model, briefly trained: the point of this page is the path, not th
 | read | PNG, mode `{png_mode}`, {png_raw.dtype} values {int(png_raw.min())}..{int(png_raw.max())} | {shape(png_raw)} | {L("read_image", dat, "def read_image(")} |
 | scale | float32 in [0, 1]: min {g(raw.min())}, mean {g(raw.mean())}, max {g(raw.max())} | {shape(raw)} | {L("divide by 255", dat, "return raw / np.float32(full)")} |
 | fit | bilinear resize {raw.shape[0]} -> {x.shape[1]} (`fit="{fit}"`), a batch of one with one channel | {shape(x)} | {L("to_network", pipe, "def to_network(")}, {L("_resize_axis", dat, "def _resize_axis(")} |
-| network | {len(rows) - 2} layers, listed below | {shape(x)} -> {shape(logits)} | {L("UNet.forward", unet, "for decoder, skip in zip(self.decoders, reversed(skips)):")} |
-| logits | the head's output z: min {g(logits.min())}, max {g(logits.max())} | {shape(logits)} | {L("head", unet, "return self.head.forward(x, train)")} |
+| network | {len(rows) - 2} layers, listed below | {shape(x)} -> {shape(logits)} | {L("UNet.forward", unet, "# dec4 takes x4, ..., dec1 takes x1")} |
+| logits | the head's output z: min {g(logits.min())}, max {g(logits.max())} | {shape(logits)} | {L("head", unet, "# logits (N, H, W, 1)")} |
 | sigmoid | p = 1 / (1 + exp(-z)): min {g(probs.min())}, max {g(probs.max())} | {shape(probs)} | {L("sigmoid", lay, "def sigmoid(x):")} |
 | back | bilinear resize {x.shape[1]} -> {raw.shape[0]}, channel dropped | {shape(back)} | {L("from_network", pipe, "def from_network(")} |
 | threshold | p > {threshold:.4f}: {salt_pred} salt pixels (truth: {int(truth.sum())}) | {shape(pred)} bool | {L("binarize", pipe, "def binarize(")} |
@@ -431,8 +429,8 @@ backward sends dy to the one input that won its window (the first, on ties) and 
 
 **Dropout** ({L("class Dropout", lay, "class Dropout:")}): in training `y = x * mask`, `mask = keep / (1 - rate)`,
 `keep ~ Bernoulli(1 - rate)`, and `dx = dy * mask`; at inference y = x (what this page runs). It acts in two
-places ({L("encoder", unet, "down = self.dropout.forward(self.pool.forward(skip), train)")}: after each pool,
-on the way down; {L("decoder", unet, "joined = self.dropout.forward(self.concat.forward(up, skip), train)")}:
+places ({L("encoder", "tinyunet/blocks.py", "# (N, H/2, W/2, F)")}: after each pool,
+on the way down; {L("decoder", "tinyunet/blocks.py", "# (N, 2H, 2W, 2F): [upsampled, skip]")}:
 after each concat), with rates {model.config['dropout']} from the top level down. Note what it does *not*
 touch: the skip leaves the encoder *before* the pool and its dropout, so a decoder receives the encoder's full
 features, and only the concatenated tensor is dropped. For the record, `enc1.dropout` in training mode on this
@@ -450,11 +448,11 @@ Training never runs the sigmoid as a layer: the loss takes the logits
 
 ### Where the skips act
 
-The wiring is in {L("UNet.forward", unet, "for decoder, skip in zip(self.decoders, reversed(skips)):")}: encoder
-level k keeps its two-conv output x_k ({L("skip", unet, "skip = self.convs.forward(x, train)  # (N, H, W, F)")}),
+The wiring is in {L("UNet.forward", unet, "# dec4 takes x4, ..., dec1 takes x1")}: encoder
+level k keeps its two-conv output x_k ({L("skip", "tinyunet/blocks.py", "skip = run(")}),
 and decoder level k concatenates it after its up-conv. Widths on the way down: {widths}. In backward a skip
 tensor gets two gradients, one through the pool below it and one through the decoder's concat, and they are
-added ({L("both paths meet", unet, "dconv_out = self.pool.backward(self.dropout.backward(ddown)) + dskip")});
+added ({L("both paths meet", "tinyunet/blocks.py", "dconv_out = self.pool.backward(self.dropout.backward(ddown)) + dskip")});
 for `enc1.relu2` the sum has norm {enc_skip_grad:.3e}.
 
 How much does each decoder use its skip? The first conv of a decoder level reads [up, skip], so its weights
@@ -469,7 +467,7 @@ split into the half acting on the upsampled channels and the half acting on the 
 ### Every layer on this image: values forward, gradients backward
 
 From {L("tinyunet.inspect.trace", "tinyunet/inspect.py", "def trace(")}, which calls each layer's forward and
-backward itself, in {L("UNet.walk", unet, "def walk(self, x, visit):")}'s order (that of `UNet.forward`), and
+backward itself, in {L("UNet.walk", "tinyunet/blocks.py", "def walk(self, visit, *inputs, prefix: str = ")}'s order (that of `UNet.forward`), and
 checks its logits against `model.forward`'s. The target is the true mask fitted like the image; the binary
 cross-entropy of this image is {rows.loss:.6f}, and dL/dlogits = (p - y) / {logits.size} has norm
 {dlogit_norm:.3e}. `|dL/dout|` is the norm of the gradient arriving at the layer's output (for `input`: at the

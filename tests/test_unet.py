@@ -68,7 +68,16 @@ def test_size_not_divisible_says_what_to_do():
 
 def test_wrong_number_of_dropout_rates():
     with pytest.raises(ValueError, match="one dropout rate per level"):
-        UNet(depth=3)
+        UNet(depth=3, dropout=(0.1, 0.2))
+
+
+@pytest.mark.parametrize("depth", [1, 3, 5, 6])
+def test_any_depth_builds_with_the_recipe_dropout(depth):
+    """No dropout given: the recipe's rates cut to the depth, or extended with its last (0.5)."""
+    model = UNet(features=2, depth=depth)
+    assert model.config["dropout"] == [0.25, 0.3, 0.4, 0.5, 0.5, 0.5][:depth]
+    x = np.zeros((1, 2 ** depth, 2 ** depth, 1), dtype=np.float32)
+    assert model.forward(x).shape == (1, 2 ** depth, 2 ** depth, 1)
 
 
 def test_whole_network_gradient_check(xp):

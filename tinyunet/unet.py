@@ -27,163 +27,116 @@ from collections.abc import Sequence
 import numpy as np
 
 from tinyunet.backend import as_array, get_backend
-from tinyunet.layers import Concatenate, Conv2D, Conv2DTranspose, Dropout, MaxPooling2D, ReLU, sigmoid
+from tinyunet.blocks import BLOCKS, Block, DecoderBlock, EncoderBlock, conv_unit
+from tinyunet.layers import BatchNormalization, Conv2D, Dropout, sigmoid
 from tinyunet.layers import Sigmoid  # study mode: the summary's last row
 
-
-class DoubleConv:
-    """conv3x3 -> ReLU -> conv3x3 -> ReLU: the two convolutions at every level."""
-
-    def __init__(self, c_in: int, c_out: int, rng, dtype, xp):
-        self.conv1 = Conv2D(c_in, c_out, 3, rng=rng, dtype=dtype, xp=xp)
-        self.relu1 = ReLU()
-        self.conv2 = Conv2D(c_out, c_out, 3, rng=rng, dtype=dtype, xp=xp)
-        self.relu2 = ReLU()
-        self.layers = [self.conv1, self.relu1, self.conv2, self.relu2]
-
-    def named_layers(self):
-        return [("conv1", self.conv1), ("conv2", self.conv2)]
-
-    def forward(self, x, train: bool = False):
-        for layer in self.layers:
-            x = layer.forward(x, train=train)
-        return x
-
-    def backward(self, dout, input_grad: bool = True):
-        for layer in reversed(self.layers[1:]):
-            dout = layer.backward(dout)
-        return self.conv1.backward(dout, input_grad=input_grad)
-
-    def named_steps(self):
-        """(name, layer) for all four layers in forward order, ReLUs included (study mode)."""
-        return list(zip(("conv1", "relu1", "conv2", "relu2"), self.layers))
+DROPOUT = (0.25, 0.3, 0.4, 0.5)  # the recipe's dropout per level, top level first
 
 
-class EncoderBlock:
-    """Two convs, then max-pool and dropout. Returns (to the level below, skip to the decoder)."""
-
-    def __init__(self, c_in: int, c_out: int, rate: float, rng, dtype, xp):
-        self.convs = DoubleConv(c_in, c_out, rng, dtype, xp)
-        self.pool = MaxPooling2D(2)
-        self.dropout = Dropout(rate, xp=xp)
-
-    def named_layers(self):
-        return self.convs.named_layers()
-
-    def forward(self, x, train: bool = False):
-        skip = self.convs.forward(x, train)  # (N, H, W, F)
-        down = self.dropout.forward(self.pool.forward(skip), train)  # (N, H/2, W/2, F)
-        return down, skip
-
-    def backward(self, ddown, dskip, input_grad: bool = True):
-        dconv_out = self.pool.backward(self.dropout.backward(ddown)) + dskip  # both paths meet
-        return self.convs.backward(dconv_out, input_grad)
+def default_dropout(depth: int) -> tuple[float, ...]:
+    """The recipe's rates fitted to ``depth`` levels: cut, or extended with its last rate (0.5)."""
+    return tuple(DROPOUT[min(level, len(DROPOUT) - 1)] for level in range(depth))
 
 
-class DecoderBlock:
-    """Up-conv 2x2 stride 2, concat [upsampled, skip], dropout, two convs."""
-
-    def __init__(self, c_in: int, c_out: int, rate: float, rng, dtype, xp):
-        self.up = Conv2DTranspose(c_in, c_out, 2, 2, rng=rng, dtype=dtype, xp=xp)
-        self.concat = Concatenate()
-        self.dropout = Dropout(rate, xp=xp)
-        self.convs = DoubleConv(2 * c_out, c_out, rng, dtype, xp)
-
-    def named_layers(self):
-        return [("up", self.up)] + self.convs.named_layers()
-
-    def forward(self, x, skip, train: bool = False):
-        up = self.up.forward(x, train)  # (N, 2H, 2W, F)
-        joined = self.dropout.forward(self.concat.forward(up, skip), train)  # (N, 2H, 2W, 2F)
-        return self.convs.forward(joined, train)  # (N, 2H, 2W, F)
-
-    def backward(self, dout):
-        dup, dskip = self.concat.backward(self.dropout.backward(self.convs.backward(dout)))
-        return self.up.backward(dup), dskip
-
-
-class UNet:
-    """The seed U-Net: ``depth`` levels down and up, ``features`` filters at the top level,
-    doubling per level down. 485,673 parameters at features=8, depth=4.
+class UNet(Block):
+    """The U-Net: ``depth`` levels down and up, ``features`` filters at the top level, doubling per
+    level down; each level's two convolutions are a conv unit of kind ``block`` (see
+    :mod:`tinyunet.blocks`: the seed's "double", "double_bn", "residual"). 485,673 parameters at
+    features=8, depth=4, block="double".
 
     ``forward(x, train)`` maps images (N, H, W, in_channels) to logits (N, H, W, 1); H and W must
     be divisible by 2**depth. ``predict(x)`` gives probabilities. ``backward(dlogits)`` fills
-    ``grads`` and returns dL/dx. ``params`` and ``grads`` are ordered name -> array mappings in
-    forward order (first encoder conv first, head last), sharing the layers' own arrays.
+    ``grads`` and returns dL/dx. ``params``, ``grads`` and ``buffers`` are ordered name -> array
+    mappings in forward order (first encoder conv first, head last), sharing the layers' own arrays.
+    ``dropout=None`` takes the recipe's rates for the depth (:func:`default_dropout`).
     """
 
-    def __init__(self, features: int = 8, depth: int = 4,
-                 dropout: Sequence[float] = (0.25, 0.3, 0.4, 0.5), in_channels: int = 1,
-                 seed: int = 0, dtype=np.float32, gpu: bool = False):
+    def __init__(self, features: int = 8, depth: int = 4, dropout: Sequence[float] | None = None,
+                 in_channels: int = 1, block: str = "double", seed: int = 0, dtype=np.float32,
+                 gpu: bool = False):
         if depth < 1 or features < 1:
             raise ValueError(f"UNet needs depth >= 1 and features >= 1, got depth={depth}, "
                              f"features={features}")
-        dropout = tuple(dropout)
+        dropout = default_dropout(depth) if dropout is None else tuple(dropout)
         if len(dropout) != depth:
             raise ValueError(f"UNet needs one dropout rate per level: depth={depth}, got {dropout}")
+        if block not in BLOCKS:
+            raise ValueError(f"UNet block must be one of {', '.join(BLOCKS)}, got {block!r}")
         self.config = {"features": features, "depth": depth, "dropout": list(dropout),
                        "in_channels": in_channels}
+        if block != "double":  # the seed's config (and its checkpoints' metadata) stays as it was
+            self.config["block"] = block
         self.xp = xp = get_backend(gpu)
         self.dtype = np.dtype(dtype)
+        self.depth = depth
         rng = np.random.default_rng(seed)  # initial weights: drawn on the host, same on any device
         widths = [features * 2 ** level for level in range(depth + 1)]  # e.g. 8, 16, 32, 64, 128
-        self.encoders = [EncoderBlock(c_in, c_out, rate, rng, dtype, xp)
-                         for c_in, c_out, rate in zip([in_channels] + widths[:-2], widths, dropout)]
-        self.bridge = DoubleConv(widths[-2], widths[-1], rng, dtype, xp)
-        # decoders[0] is the deepest: it takes the bridge's output and the last encoder's skip
-        self.decoders = [DecoderBlock(widths[level + 1], widths[level], dropout[level], rng, dtype, xp)
-                         for level in reversed(range(depth))]
-        self.head = Conv2D(features, 1, 1, rng=rng, dtype=dtype, xp=xp)
+        children = {}
+        for level, (c_in, c_out, rate) in enumerate(zip([in_channels] + widths[:-2], widths, dropout), start=1):
+            children[f"enc{level}"] = EncoderBlock(block, c_in, c_out, rate, rng, dtype, xp)
+        children["bridge"] = conv_unit(block, widths[-2], widths[-1], rng, dtype, xp, inline=False)  # bridge.conv1
+        for level in reversed(range(1, depth + 1)):  # dec4 (the deepest) first: forward order
+            children[f"dec{level}"] = DecoderBlock(block, widths[level], widths[level - 1], dropout[level - 1],
+                                                   rng, dtype, xp)
+        children["head"] = Conv2D(features, 1, 1, rng=rng, dtype=dtype, xp=xp)
+        super().__init__(children)
         self.reseed_dropout(seed)
 
-    # --- the parameters, in forward order ---------------------------------------------------------
-
-    def named_layers(self):
-        """(name, layer) for every layer with parameters, in forward order."""
-        named = []
-        for level, block in enumerate(self.encoders, start=1):
-            named += [(f"enc{level}.{name}", layer) for name, layer in block.named_layers()]
-        named += [(f"bridge.{name}", layer) for name, layer in self.bridge.named_layers()]
-        for block, level in zip(self.decoders, reversed(range(1, len(self.decoders) + 1))):
-            named += [(f"dec{level}.{name}", layer) for name, layer in block.named_layers()]
-        return named + [("head", self.head)]
+    def wiring(self, run, x):
+        skips = []
+        for level in range(1, self.depth + 1):  # x1 ... x4, each kept for its decoder
+            x, skip = run(f"enc{level}", x)
+            skips.append(skip)
+        x = run("bridge", x)
+        for level in reversed(range(1, self.depth + 1)):  # dec4 takes x4, ..., dec1 takes x1
+            x = run(f"dec{level}", x, skips.pop())
+        return run("head", x)  # logits (N, H, W, 1)
 
     @property
-    def params(self) -> dict:
-        """name -> parameter array, e.g. ``"enc1.conv1.W"``; the layers' own arrays, not copies."""
-        return {f"{name}.{key}": value for name, layer in self.named_layers()
-                for key, value in layer.params.items()}
+    def encoders(self) -> list[EncoderBlock]:
+        return [self.children[f"enc{level}"] for level in range(1, self.depth + 1)]
 
     @property
-    def grads(self) -> dict:
-        """name -> gradient array from the last :meth:`backward`, same keys as :attr:`params`."""
-        return {f"{name}.{key}": value for name, layer in self.named_layers()
-                for key, value in layer.grads.items()}
+    def decoders(self) -> list[DecoderBlock]:
+        """The decoder blocks in forward order: decoders[0] is the deepest (dec4 at depth 4)."""
+        return [self.children[f"dec{level}"] for level in reversed(range(1, self.depth + 1))]
+
+    # --- the parameters and buffers --------------------------------------------------------------
 
     def count_params(self) -> int:
         return sum(int(p.size) for p in self.params.values())
 
-    def load_params(self, params) -> None:
-        """Copy values into the model's arrays (names and shapes must match exactly)."""
-        own = self.params
-        if list(params) != list(own):
-            raise ValueError("parameter names differ from this model's")
-        for name, value in params.items():
-            if tuple(value.shape) != own[name].shape:
-                raise ValueError(f"{name}: shape {tuple(value.shape)}, model has {own[name].shape}")
-            own[name][...] = as_array(value, self.xp)
+    def load_params(self, params, buffers=None) -> None:
+        """Copy values into the model's arrays (names and shapes must match exactly); ``buffers``
+        likewise for the state that is not trained (BatchNorm's moving statistics)."""
+        for what, own, given in (("parameter", self.params, params), ("buffer", self.buffers, buffers)):
+            if given is None and what == "buffer":
+                if own:
+                    raise ValueError("this model has buffers (BatchNorm statistics) but none were given")
+                continue
+            if list(given) != list(own):
+                raise ValueError(f"{what} names differ from this model's")
+            for name, value in given.items():
+                if tuple(value.shape) != own[name].shape:
+                    raise ValueError(f"{name}: shape {tuple(value.shape)}, model has {own[name].shape}")
+                own[name][...] = as_array(value, self.xp)
 
     def replica(self) -> UNet:
-        """A UNet that shares this one's parameter arrays (so it sees every update) but keeps its own
-        gradients, forward caches and dropout streams: one per thread in :mod:`tinyunet.parallel`."""
+        """A UNet that shares this one's parameter and buffer arrays (so it sees every update) but keeps
+        its own gradients, forward caches and dropout streams: one per thread in :mod:`tinyunet.parallel`.
+        Its BatchNorm layers normalise with their own shard's statistics but leave the moving
+        statistics to this model (shard 0), as PyTorch's DataParallel keeps device 0's."""
         twin = UNet(**self.config, dtype=self.dtype, gpu=self.xp is not np)
         for (_, mine), (_, its) in zip(self.named_layers(), twin.named_layers()):
-            its.params = mine.params
+            its.params, its.buffers = mine.params, mine.buffers
+            if isinstance(its, BatchNormalization):
+                its.updates_moving = False
         return twin
 
     @property
     def dropouts(self) -> list[Dropout]:
-        return [block.dropout for block in self.encoders + self.decoders]
+        return self.layers_of(Dropout)
 
     def reseed_dropout(self, seed) -> None:
         """Restart every dropout layer's mask stream from ``seed`` (an int or a tuple of ints)."""
@@ -196,35 +149,27 @@ class UNet:
     def forward(self, x, train: bool = False):
         """Logits (N, H, W, 1) for images ``x`` (N, H, W, in_channels)."""
         n, h, w, c = x.shape
-        step = 2 ** len(self.encoders)
+        step = 2 ** self.depth
         if h % step or w % step or c != self.config["in_channels"]:
-            raise ValueError(f"UNet(depth={len(self.encoders)}, in_channels="
+            raise ValueError(f"UNet(depth={self.depth}, in_channels="
                              f"{self.config['in_channels']}) needs (N, H, W, "
                              f"{self.config['in_channels']}) with H and W divisible by {step}; "
                              f"got {x.shape} (resize or pad the images)")
-        skips = []
-        for encoder in self.encoders:  # x1 ... x4, each kept for its decoder
-            x, skip = encoder.forward(x, train)
-            skips.append(skip)
-        x = self.bridge.forward(x, train)
-        for decoder, skip in zip(self.decoders, reversed(skips)):
-            x = decoder.forward(x, skip, train)
-        return self.head.forward(x, train)
+        return super().forward(x, train=train)
 
     def backward(self, dlogits, input_grad: bool = True):
-        """Fill :attr:`grads` from dL/dlogits (N, H, W, 1); return dL/dx.
+        """Fill :attr:`grads` from dL/dlogits (N, H, W, 1); return dL/dx: the wiring in reverse.
 
         Training passes ``input_grad=False``: the gradient for the images themselves is not needed,
         so the first convolution skips it and None is returned.
         """
         d = self.head.backward(dlogits)
-        dskips = []
-        for decoder in reversed(self.decoders):  # shallowest first, the reverse of forward
-            d, dskip = decoder.backward(d)
-            dskips.append(dskip)  # dskips[0] belongs to enc1
+        dskips = {}
+        for level in range(1, self.depth + 1):  # dec1 (the shallowest) first, the reverse of forward
+            d, dskips[level] = self.children[f"dec{level}"].backward(d)
         d = self.bridge.backward(d)
-        for encoder, dskip in zip(reversed(self.encoders), reversed(dskips)):  # deepest first
-            d = encoder.backward(d, dskip, input_grad or encoder is not self.encoders[0])
+        for level in reversed(range(1, self.depth + 1)):  # deepest first, adding each skip's gradient
+            d = self.children[f"enc{level}"].backward(d, dskips[level], input_grad or level > 1)
         return d
 
     def predict(self, x, batch_size: int = 32):
@@ -238,34 +183,6 @@ class UNet:
 
     # --- study mode: every layer in forward order, and the Keras-style summary ------------------------
 
-    def walk(self, x, visit):
-        """Thread ``x`` through ``visit(name, layer, *inputs) -> output`` for every layer, in the
-        order and with the wiring of :meth:`forward`; returns the head's output.
-
-        The layers are not called here: ``visit`` decides what flows. :meth:`summary` passes shapes
-        and calls ``layer.output_shape``; ``tinyunet.inspect.trace`` passes arrays and calls
-        ``layer.forward``, recording each output. Names are ``enc1.conv1``, ``enc1.relu1``, ...,
-        ``enc1.pool``, ``enc1.dropout``, ``bridge.conv1``, ..., ``dec4.up``, ``dec4.concat``,
-        ``dec4.dropout``, ``dec4.conv1``, ..., ``head``.
-        """
-        skips = []
-        for level, encoder in enumerate(self.encoders, start=1):  # x1 ... x4, each kept
-            for name, layer in encoder.convs.named_steps():
-                x = visit(f"enc{level}.{name}", layer, x)
-            skips.append(x)
-            x = visit(f"enc{level}.pool", encoder.pool, x)
-            x = visit(f"enc{level}.dropout", encoder.dropout, x)
-        for name, layer in self.bridge.named_steps():
-            x = visit(f"bridge.{name}", layer, x)
-        levels = reversed(range(1, len(self.decoders) + 1))  # dec4 (deepest) ... dec1
-        for decoder, skip, level in zip(self.decoders, reversed(skips), levels):
-            x = visit(f"dec{level}.up", decoder.up, x)
-            x = visit(f"dec{level}.concat", decoder.concat, x, skip)  # [upsampled, skip]
-            x = visit(f"dec{level}.dropout", decoder.dropout, x)
-            for name, layer in decoder.convs.named_steps():
-                x = visit(f"dec{level}.{name}", layer, x)
-        return visit("head", self.head, x)
-
     def layer_table(self, input_size=(128, 128), batch_size: int = 1) -> list[dict]:
         """One row per layer from shapes alone (no forward pass): name, type, output shape,
         parameters, FLOPs (multiply-adds x 2) and activation memory (output values x itemsize).
@@ -273,9 +190,9 @@ class UNet:
         The first row is the input, the last the sigmoid that :meth:`predict` applies to the logits.
         """
         h, w = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
-        step = 2 ** len(self.encoders)
+        step = 2 ** self.depth
         if h % step or w % step:
-            raise ValueError(f"UNet(depth={len(self.encoders)}) needs H and W divisible by {step}; "
+            raise ValueError(f"UNet(depth={self.depth}) needs H and W divisible by {step}; "
                              f"got {h}x{w}")
         rows = []
 
@@ -292,7 +209,7 @@ class UNet:
             return shape
 
         x = add("input", None, (batch_size, h, w, self.config["in_channels"]))
-        add("sigmoid", Sigmoid(), self.walk(x, add))
+        add("sigmoid", Sigmoid(), self.walk(add, x))
         return rows
 
     def summary(self, input_size=(128, 128), batch_size: int = 1) -> str:
