@@ -36,19 +36,20 @@ from pathlib import Path
 import numpy as np
 
 from tinyunet.backend import GPUUnavailableError, as_numpy
-from tinyunet.checkpoint import Checkpoint, CheckpointError, load_checkpoint, temporary_path
+from tinyunet.checkpoint import CheckpointError, temporary_path
 from tinyunet.data import DataError, fingerprint, load_test, load_train
 from tinyunet.evaluation import Report, evaluate as score_report
 from tinyunet.parallel import DataParallel
-from tinyunet.pipeline import FITS, binarize, probabilities
+from tinyunet.pipeline import binarize, probabilities
 from tinyunet.rle import rle_encode
-from tinyunet.unet import UNet
+from tinyunet.ensemble import Ensemble
+from tinyunet.metrics import drop_small
+from tinyunet.models import load_model
 
 RUNS = Path("runs")  # where train.py puts its run folders, relative to the working folder
 LATEST = "latest"  # runs/latest: a text file naming the newest run folder, relative to runs/
 BEST = "best.npz"  # the checkpoint a run keeps by validation loss
 DEFAULT_THRESHOLD = 0.5  # used (with a note) when the checkpoint records no best threshold
-MODEL_KEYS = ("features", "depth", "dropout", "in_channels")  # UNet settings kept in meta["model"]
 
 
 class PredictError(ValueError):
@@ -98,64 +99,6 @@ def latest_model(runs: Path = RUNS) -> Path:
                            "training stopped before the first epoch ended?): run python train.py "
                            "again, or pass --model")
     return path
-
-
-def load_model(path: str | os.PathLike, gpu: bool = False) -> tuple[UNet, Checkpoint]:
-    """Build the U-Net a checkpoint describes (``meta["model"]``) and load its weights.
-
-    Raises CheckpointError (one line) when the file is not a usable tinyunet model checkpoint, and
-    GPUUnavailableError when ``gpu`` is asked for without CuPy or a CUDA device.
-    """
-    ckpt = load_checkpoint(path)
-    meta, where = ckpt.meta, ckpt.path
-    config = meta.get("model")
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{where} records no model settings (meta['model']): it was not saved "
-                              "by train.py; pass the best.npz of a training run")
-    fit, input_size = meta.get("fit"), meta.get("input_size")
-    if fit not in FITS:
-        raise CheckpointError(f"{where} records fit={fit!r}, expected one of {FITS}; pass the "
-                              "best.npz of a training run")
-    if fit == "resize" and not (isinstance(input_size, int) and input_size > 0):
-        raise CheckpointError(f"{where} records input_size={input_size!r}, expected a positive "
-                              "integer; pass the best.npz of a training run")
-    if config.get("in_channels", 1) != 1:
-        raise CheckpointError(f"{where} holds a model for {config['in_channels']}-channel images; "
-                              "predict.py feeds grayscale (1-channel) images")
-    dtypes = {a.dtype for a in ckpt.params.values()}
-    if len(dtypes) > 1 or not all(np.issubdtype(d, np.floating) for d in dtypes):
-        raise CheckpointError(f"{where} holds parameters of dtypes {sorted(map(str, dtypes))}; "
-                              "expected one float dtype; pass the best.npz of a training run")
-    try:
-        model = UNet(**{k: config[k] for k in MODEL_KEYS if k in config},
-                     dtype=dtypes.pop() if dtypes else np.float32, gpu=gpu)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{where} records model settings {config} that do not build a "
-                              f"U-Net ({err})") from None
-    _check_weights_match(ckpt, model)
-    bad = [name for name, a in ckpt.params.items() if not np.isfinite(a).all()]
-    if bad:
-        raise CheckpointError(f"{where} holds NaN or infinite weights (in {bad[0]}"
-                              f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): training "
-                              "diverged before it was saved; use an earlier checkpoint or train again")
-    model.load_params(ckpt.params)
-    return model, ckpt
-
-
-def _check_weights_match(ckpt: Checkpoint, model: UNet) -> None:
-    """The checkpoint's weights have the names and shapes of the model its own settings describe."""
-    expected = {name: tuple(p.shape) for name, p in model.params.items()}
-    saved = {name: tuple(a.shape) for name, a in ckpt.params.items()}
-    if list(saved.items()) == list(expected.items()):
-        return
-    settings = ", ".join(f"{k}={model.config[k]}" for k in ("features", "depth"))
-    differ = [n for n in expected if n in saved and saved[n] != expected[n]]
-    if differ:
-        detail = f"{differ[0]} is {saved[differ[0]]}, those settings need {expected[differ[0]]}"
-    else:
-        detail = f"it has {len(saved)} weight arrays, those settings need {len(expected)}"
-    raise CheckpointError(f"{ckpt.path} does not fit its own model settings ({settings}): {detail}; "
-                          "the file is damaged or was edited: use another checkpoint or train again")
 
 
 def choose_threshold(threshold: float | None, meta: dict) -> tuple[float, str]:
@@ -254,7 +197,7 @@ def predict(
     gpu: bool = False,
     threads: int | None = None,
     batch_size: int = 32,
-    tta: bool = False,
+    tta: bool | None = None,
     threshold: float | None = None,
     save_masks: str | os.PathLike | None = None,
     preview: str | os.PathLike | None = None,
@@ -266,7 +209,9 @@ def predict(
 
     ``model`` defaults to ``runs/<runs/latest>/best.npz``, ``data`` to the data folder recorded in
     the checkpoint. ``threshold`` defaults to the checkpoint's best threshold (0.5 when it has
-    none). ``threads`` CPU threads share every batch (default: every usable core). ``preview``
+    none), ``tta`` to the checkpoint's choice (off when it records none); the checkpoint's empty-mask
+    rule (``min_area``) always applies. A checkpoint may hold an ensemble (:mod:`tinyunet.ensemble`).
+    ``threads`` CPU threads share every batch (default: every usable core). ``preview``
     defaults to ``<out stem>_preview.png`` beside ``out``. With ``evaluate`` the labelled train part
     of ``data`` is predicted and scored instead, the threshold-vs-score plot goes to
     ``<out stem>_threshold.png`` and no submission is written. Every input is checked before the
@@ -283,9 +228,17 @@ def predict(
     # --- the model ---------------------------------------------------------------------------------
     model_path = Path(model) if model is not None else latest_model()
     unet, ckpt = load_model(model_path, gpu=gpu)
-    net = DataParallel(unet, threads)  # every batch split between the CPU's threads
+    if isinstance(unet, Ensemble):  # every batch split between the CPU's threads, member by member
+        net = Ensemble([DataParallel(member, threads) for member in unet.members])
+    else:
+        net = DataParallel(unet, threads)
     meta = ckpt.meta
     threshold, source = choose_threshold(threshold, meta)
+    tta = bool(meta.get("tta", False)) if tta is None else tta
+    min_area = meta.get("min_area", 0)
+    if isinstance(min_area, bool) or not isinstance(min_area, int) or min_area < 0:
+        raise CheckpointError(f"{model_path} records min_area={min_area!r}, not a whole number >= 0; "
+                              "the file is damaged or was edited: use another checkpoint or train again")
 
     # --- the output locations, checked before the slow part ------------------------------------------
     out = Path(out)
@@ -299,7 +252,8 @@ def predict(
             raise PredictError(f"--save-masks {save_masks} is a file, not a folder: give a folder")
         _writable_folder(save_masks, "the mask PNGs")
 
-    log(f"model: {model_path} (features={net.config['features']}, depth={net.config['depth']}, "
+    members = f", an ensemble of {len(net.members)}" if isinstance(net, Ensemble) else ""
+    log(f"model: {model_path} (features={net.config['features']}, depth={net.config['depth']}{members}, "
         f"{meta.get('fit')} to {meta.get('input_size')}, epoch {meta.get('epoch', '?')}, "
         f"{'GPU (CuPy)' if gpu else f'CPU (NumPy), {net.threads} thread(s)'})")
     if source == "default":
@@ -341,7 +295,7 @@ def predict(
                               batch_size=batch_size, tta=tta, progress=bar.update)
         probs = as_numpy(probs)  # (N, H, W); also waits for the GPU to finish
         seconds = time.perf_counter() - start
-    masks = binarize(probs, threshold)  # (N, H, W) bool
+    masks = drop_small(binarize(probs, threshold), min_area)  # (N, H, W) bool
 
     # --- the outputs -----------------------------------------------------------------------------
     from tinyunet import plots
@@ -351,7 +305,7 @@ def predict(
                         images_per_s=n / max(seconds, 1e-9), submission=None, preview=None,
                         masks_dir=None)
     if evaluate:
-        result.report = score_report(truths, probs, threshold, threshold_source=source)
+        result.report = score_report(truths, probs, threshold, threshold_source=source, min_area=min_area)
         log(result.report.format())
         result.threshold_plot = plots.threshold_curve(result.report.thresholds,
                                                       result.report.scores,
@@ -385,7 +339,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description="Predict salt masks with a trained tinyunet model and write a Kaggle "
+    p = _Parser(allow_abbrev=False, description="Predict salt masks with a trained tinyunet model and write a Kaggle "
                             "submission (or score a labelled set with --evaluate).")
     p.add_argument("--model", default=None,
                    help="checkpoint to use (default: runs/<name in runs/latest>/best.npz, the newest "
@@ -400,8 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads sharing every batch (default: every usable core)")
     p.add_argument("--batch-size", type=int, default=32,
                    help="images per forward pass (default: 32)")
-    p.add_argument("--tta", action="store_true",
-                   help="test-time augmentation: average with the prediction of the mirrored image")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="test-time augmentation: average with the prediction of the mirrored image "
+                        "(default: as the checkpoint records, off when it records nothing)")
     p.add_argument("--threshold", type=float, default=None,
                    help="probability above which a pixel is salt, in [0, 1] (default: the "
                         "checkpoint's best threshold, else 0.5)")

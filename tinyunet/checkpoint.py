@@ -3,11 +3,12 @@
 Layout of the file (an ordinary, uncompressed ``np.savez`` archive):
 
 - ``param/<name>``  each model parameter (e.g. ``param/enc1.conv1.W``), float32 or float64;
+- ``buffer/<name>``  each piece of state that is not trained (``buffer/enc1.bn1.moving_mean``), if any;
 - ``adam_m/<name>``, ``adam_v/<name>``  the optimizer's moment estimates, when it has any;
 - ``meta.json``  a uint8 array holding UTF-8 JSON::
 
       {"format": "tinyunet-checkpoint", "format_version": 1,
-       "param_order": [names in forward order],
+       "param_order": [names in forward order], "buffer_order": [names] (absent: no buffers),
        "optimizer": {"lr": ..., "beta_1": ..., "t": ..., "m": [names], "v": [names]} or null,
        "meta": {the caller's metadata: config, epoch, best threshold, history, ...}}
 
@@ -31,7 +32,7 @@ import secrets
 import zipfile
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ FORMAT = "tinyunet-checkpoint"
 FORMAT_VERSION = 1
 META_KEY = "meta.json"
 PARAM_PREFIX = "param/"
+BUFFER_PREFIX = "buffer/"
 MOMENT_PREFIXES = {"m": "adam_m/", "v": "adam_v/"}  # optimizer state key -> array name prefix
 
 # What np.load and reading a member raise on a damaged archive (zlib: a compressed member).
@@ -65,6 +67,7 @@ class Checkpoint:
     params: dict[str, np.ndarray]  # name -> array, in the saved (forward) order
     meta: dict[str, Any]  # the metadata given to save_checkpoint
     optimizer_state: dict[str, Any] | None  # as Adam.state_dict() returned it, or None
+    buffers: dict[str, np.ndarray] = field(default_factory=dict)  # name -> array (BatchNorm statistics)
 
 
 def _json_default(value: Any) -> Any:
@@ -83,10 +86,12 @@ def _host_array(name: str, value: Any) -> np.ndarray:
 
 
 def _collect(
-    params: Mapping[str, Any], meta: Mapping[str, Any], optimizer_state: Mapping[str, Any] | None
+    params: Mapping[str, Any], meta: Mapping[str, Any], optimizer_state: Mapping[str, Any] | None,
+    buffers: Mapping[str, Any],
 ) -> dict[str, np.ndarray]:
     """All members of the archive, ``meta.json`` included, as NumPy arrays."""
     arrays = {PARAM_PREFIX + name: _host_array(name, value) for name, value in params.items()}
+    arrays.update({BUFFER_PREFIX + name: _host_array(name, value) for name, value in buffers.items()})
     optimizer_doc = None
     if optimizer_state is not None:
         optimizer_doc = {k: v for k, v in optimizer_state.items() if k not in MOMENT_PREFIXES}
@@ -98,6 +103,7 @@ def _collect(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "param_order": list(params),
+        **({"buffer_order": list(buffers)} if buffers else {}),  # a seed U-Net's file stays as it was
         "optimizer": optimizer_doc,
         "meta": dict(meta),
     }
@@ -128,8 +134,10 @@ def save_checkpoint(
     params: Mapping[str, Any],
     meta: Mapping[str, Any],
     optimizer_state: Mapping[str, Any] | None = None,
+    buffers: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``params`` (name -> NumPy/CuPy array, in order), ``meta`` and the optimizer state to ``path``.
+    """Write ``params`` (name -> NumPy/CuPy array, in order), ``meta``, the optimizer state and the
+    model's ``buffers`` (state that is not trained, e.g. BatchNorm's moving statistics) to ``path``.
 
     ``meta`` must be JSON-able (NumPy scalars are accepted). ``optimizer_state`` is what
     ``Adam.state_dict()`` returns: its ``m`` and ``v`` dicts become arrays, the rest JSON. The write
@@ -138,7 +146,7 @@ def save_checkpoint(
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"cannot write checkpoint {path}: it is a folder; give a file name such as best.npz")
-    arrays = _collect(params, meta, optimizer_state)
+    arrays = _collect(params, meta, optimizer_state, buffers or {})
     directory = path.parent
     tmp = temporary_path(path)
     try:
@@ -313,13 +321,14 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     members = _read_members(path)
     doc = _parse_meta(path, members)
     params = _take(path, members, PARAM_PREFIX, doc["param_order"], "parameters")
+    buffers = _take(path, members, BUFFER_PREFIX, doc.get("buffer_order", []), "buffers")
     optimizer_state = doc.get("optimizer")
     if optimizer_state is not None:
         if not isinstance(optimizer_state, dict):
             raise CheckpointError(f"{path} has an invalid optimizer state in its {META_KEY}; {_DAMAGED}")
         for key, prefix in MOMENT_PREFIXES.items():
             optimizer_state[key] = _take(path, members, prefix, optimizer_state.get(key), f"optimizer {key} arrays")
-    return Checkpoint(path=path, params=params, meta=doc["meta"], optimizer_state=optimizer_state)
+    return Checkpoint(path=path, params=params, meta=doc["meta"], optimizer_state=optimizer_state, buffers=buffers)
 
 
 def _describe(config: Mapping[str, Any], keys: list[str]) -> str:
@@ -358,6 +367,11 @@ def check_compatible(
     keys = list(model_config)
     saved_config = checkpoint.meta.get("model")
     saved_text = _describe(saved_config, keys) if isinstance(saved_config, Mapping) else "no recorded config"
+    if saved_text == _describe(model_config, keys):  # the model was built from this file's own settings
+        raise CheckpointError(
+            f"{checkpoint.path} does not fit its own model settings ({saved_text}): "
+            f"{_first_difference(saved, wanted)}; the file is damaged or was edited: use another checkpoint "
+            "or train again")
     raise CheckpointError(
         f"checkpoint {checkpoint.path} does not fit this model: checkpoint has {saved_text}; this model has "
         f"{_describe(model_config, keys)} ({_first_difference(saved, wanted)}); "

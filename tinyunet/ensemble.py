@@ -1,0 +1,81 @@
+"""Ensembles: several trained U-Nets of one geometry whose probabilities are averaged.
+
+    p(x) = (1/K) * sum_k sigmoid(model_k(x))
+
+The members are snapshots of one run (one per cosine cycle) or the models of K folds. An
+:class:`Ensemble` behaves like a model for prediction: ``forward(x)`` returns the logit of the mean
+probability, so every prediction path (``pipeline.probabilities``, flips, pieces) treats one model
+and many alike.
+
+In a checkpoint file each member's arrays are stored under ``m<k>/`` (``param/m0/enc1.conv1.W``,
+``buffer/m1/enc1.bn1.moving_mean``, ...), and ``meta["members"]`` lists each member's model settings
+(``meta["model"]``) in order; the rest of the metadata (threshold, minimum area, TTA, geometry) is
+the ensemble's own.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from tinyunet.backend import get_array_module
+from tinyunet.checkpoint import Checkpoint, save_checkpoint
+from tinyunet.layers import sigmoid
+
+
+class Ensemble:
+    """``members`` (UNets, or DataParallel wrappers of them) with one geometry; inference only."""
+
+    def __init__(self, members: list):
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = list(members)
+
+    xp = property(lambda self: self.members[0].xp)
+    dtype = property(lambda self: self.members[0].dtype)
+    config = property(lambda self: self.members[0].config)
+    threads = property(lambda self: getattr(self.members[0], "threads", 1))
+
+    def forward(self, x, train: bool = False):
+        """log(p / (1 - p)) of the members' mean probability p (N, H, W, 1); no training."""
+        if train:
+            raise RuntimeError("an Ensemble only predicts: train its members one by one")
+        xp = get_array_module(x)
+        p = sigmoid(self.members[0].forward(x))
+        for member in self.members[1:]:
+            p += sigmoid(member.forward(x))
+        p /= p.dtype.type(len(self.members))
+        tiny = p.dtype.type(np.finfo(p.dtype).tiny)
+        return xp.log(xp.maximum(p, tiny)) - xp.log(xp.maximum(1 - p, tiny))  # sigmoid() maps it back to p
+
+
+def member_prefix(k: int) -> str:
+    return f"m{k}/"
+
+
+def save_ensemble(path: str | os.PathLike, members: list[Checkpoint], meta: dict, dtype=None) -> Path:
+    """One checkpoint holding every member's parameters and buffers, and ``meta`` with ``members``
+    (each member's ``meta["model"]``). ``dtype`` (e.g. np.float16) converts the stored arrays."""
+    params, buffers = {}, {}
+    for k, member in enumerate(members):
+        for store, arrays in ((params, member.params), (buffers, member.buffers)):
+            for name, value in arrays.items():
+                store[member_prefix(k) + name] = value if dtype is None else np.asarray(value).astype(dtype)
+    meta = {**meta, "members": [dict(member.meta["model"]) for member in members]}
+    return save_checkpoint(path, params, meta, buffers=buffers)
+
+
+def split_members(ckpt: Checkpoint) -> list[Checkpoint]:
+    """The members of an ensemble checkpoint, each as a Checkpoint of its own (arrays not copied)."""
+    out = []
+    for k, config in enumerate(ckpt.meta["members"]):
+        prefix = member_prefix(k)
+
+        def take(arrays):
+            return {name[len(prefix):]: a for name, a in arrays.items() if name.startswith(prefix)}
+
+        out.append(Checkpoint(path=ckpt.path, params=take(ckpt.params), buffers=take(ckpt.buffers),
+                              meta={**ckpt.meta, "model": config}, optimizer_state=None))
+    return out
