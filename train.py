@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tinyunet.blocks import BLOCKS
+from tinyunet.losses import LOSSES
 from tinyunet.pipeline import FITS
-from tinyunet.training import QUICK, TrainConfig, build_config, flag
+from tinyunet.training import FLIP_MODES, MONITORS, QUICK, TrainConfig, build_config, flag
 
 EXIT_USAGE = 2  # bad input a user can fix (flags, data, checkpoints, GPU)
 EXIT_DIVERGED = 1
@@ -67,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[dict, bool]:
                f"synthetic set is generated into ./data/synthetic and the QUICK defaults apply: {quick} "
                "(4000 training images, 101->64 resize, no flips, no dropout); any flag overrides them.",
         argument_default=argparse.SUPPRESS,  # only flags actually given reach build_config
+        allow_abbrev=False,  # --epoch 3 is an error, not a silent --epochs 3
     )
     parser.add_argument("--data", help="folder in Kaggle's layout (train/images, train/masks, train.csv, "
                         "test/images) or the competition's zip; default: ./data/tgs-salt-identification-"
@@ -85,6 +88,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[dict, bool]:
                         "first, comma-separated, one per level (default: 0.25,0.3,0.4,0.5 at depth 4; other "
                         f"depths cut it, or extend it with 0.5; quick run on the synthetic set: "
                         f"{_shown(QUICK['dropout'])})")
+    parser.add_argument("--block", choices=BLOCKS, help="each level's two convolutions: 'double' conv-ReLU x2 "
+                        "(the seed), 'double_bn' conv-BN-ReLU x2, 'residual' a ResNet block (conv-BN-ReLU, "
+                        f"conv-BN, + shortcut, ReLU) {_default('block')}")
+    parser.add_argument("--loss", choices=list(LOSSES), help=f"the training loss {_default('loss')}")
+    parser.add_argument("--loss2", choices=list(LOSSES), help="a second loss, from epoch --loss2-epoch on "
+                        "(e.g. --loss bce --loss2 lovasz --loss2-epoch 25; default: none)")
+    parser.add_argument("--loss2-epoch", type=int, help="the first epoch (counting from 1) trained with --loss2 "
+                        f"{_default('loss2_epoch')}")
+    parser.add_argument("--monitor", choices=list(MONITORS), help="what early stopping, the best checkpoint and "
+                        "the LR cut watch: val_loss (lower is better) or val_score (the competition score at "
+                        f"threshold 0.5; higher is better; use it when the loss changes) {_default('monitor')}")
     parser.add_argument("--lr", type=float, help=f"Adam's learning rate {_default('lr')}; on --resume it "
                         "replaces the saved rate")
     parser.add_argument("--val-split", type=float, help=f"validation share, stratified by coverage class, "
@@ -109,6 +123,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[dict, bool]:
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction,
                         help="add (or, with --no-flip, do not add) the left-right mirror of every training image, "
                         "doubling the training part (default: add them; quick run on the synthetic set: not)")
+    parser.add_argument("--flip-mode", choices=FLIP_MODES, help="'double': append every training image's "
+                        "mirror (the seed); 'random': mirror each image of every batch with probability 1/2, "
+                        f"so an epoch costs half {_default('flip_mode')}")
     parser.add_argument("--limit", type=int, help="train on a random subset of this many images (by --seed) "
                         "(default: all)")
     parser.add_argument("--no-progress", dest="progress", action="store_false",

@@ -16,6 +16,7 @@ import pytest
 from tinyunet import training
 from tinyunet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from tinyunet.data import DataError
+from tinyunet.losses import binary_crossentropy, lovasz_hinge
 from tinyunet.synth import generate
 from tinyunet.training import (HISTORY_COLUMNS, QUICK, ConfigError, TrainConfig, TrainingDiverged,
                                TrainingInterrupted, build_config, train)
@@ -141,7 +142,7 @@ def test_resume_of_a_finished_run_only_redoes_the_sweep(tiny_data, tmp_path):
 
 def test_early_stopping_and_reduce_lr_are_wired(tiny_data, tmp_path, monkeypatch):
     losses = iter([1.0] + [1.5] * 20)  # improves once, then never again
-    monkeypatch.setattr(training, "evaluate", lambda model, prep, config: (next(losses), 0.5, 0.5))
+    monkeypatch.setattr(training, "validate_epoch", lambda model, prep, config, epoch: (next(losses), 0.5, 0.5))
     run = train(tiny(tiny_data, tmp_path / "plateau", epochs=20, patience=3, lr_patience=1, lr_factor=0.5,
                      min_lr=2e-4))
     rows = read_history(run)
@@ -173,7 +174,7 @@ def test_a_nan_loss_stops_at_once_and_keeps_the_good_checkpoints(tiny_data, tmp_
 
 
 def test_ctrl_c_leaves_a_resumable_run(tiny_data, tmp_path, monkeypatch):
-    real = training.evaluate
+    real = training.validate_epoch
     calls = {"n": 0}
 
     def interrupted(*args):
@@ -182,7 +183,7 @@ def test_ctrl_c_leaves_a_resumable_run(tiny_data, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(training, "evaluate", interrupted)
+    monkeypatch.setattr(training, "validate_epoch", interrupted)
     run = tmp_path / "ctrl-c"
     with pytest.raises(TrainingInterrupted) as err:
         train(tiny(tiny_data, run, epochs=3))
@@ -190,7 +191,7 @@ def test_ctrl_c_leaves_a_resumable_run(tiny_data, tmp_path, monkeypatch):
     assert "holds epoch 1" in str(err.value) and f"--resume {run}" in str(err.value)
     assert load_checkpoint(run / "last.npz").meta["epoch"] == 1
 
-    monkeypatch.setattr(training, "evaluate", real)
+    monkeypatch.setattr(training, "validate_epoch", real)
     train(build_config({"resume": str(run)}))
     straight = train(tiny(tiny_data, tmp_path / "straight", epochs=3))
     assert_same_arrays(params_of(run / "last.npz"), params_of(straight / "last.npz"))
@@ -326,3 +327,69 @@ def test_one_epoch_on_a_real_subset(tmp_path):
                               "epochs": 1}))
     meta = load_checkpoint(run / "best.npz").meta
     assert meta["data"]["path"] == str(_real_data().resolve()) and 0 <= meta["best_threshold"] <= 1
+
+
+# --------------------------------------------------------------------------------------------
+# Blocks, losses by epoch, the monitored value, random flips
+# --------------------------------------------------------------------------------------------
+
+BN_RUN = {"block": "residual", "flip_mode": "random", "loss": "bce", "loss2": "lovasz", "loss2_epoch": 2,
+          "monitor": "val_score", "threads": 2}
+
+
+def test_a_residual_run_with_two_losses_resumes_bit_identically(tiny_data, tmp_path, monkeypatch):
+    calls = []
+    for name in ("bce", "lovasz"):  # count which loss every training and validation batch used
+        real = training.LOSSES[name]
+        monkeypatch.setitem(training.LOSSES, name,
+                            lambda logits, target, real=real, name=name: calls.append(name) or real(logits, target))
+    straight = train(tiny(tiny_data, tmp_path / "straight", epochs=3, **BN_RUN))
+    # 19 training images, not doubled (random flips): 3 batches, then 1 validation batch, per epoch
+    assert calls == ["bce"] * 4 + ["lovasz"] * 8
+
+    best = load_checkpoint(straight / "best.npz")
+    model = UNet(**best.meta["model"])
+    assert best.meta["model"]["block"] == "residual"
+    assert list(best.buffers) == list(model.buffers) and "enc1.bn1.moving_mean" in best.buffers
+    assert best.buffers["enc1.bn1.moving_mean"].any()  # trained statistics, not the initial zeros
+    model.load_params(best.params, best.buffers)  # what predict.py does
+    scores = [float(row["val_score"]) for row in read_history(straight)]
+    assert best.meta["epoch"] == 1 + scores.index(max(scores))  # monitor=val_score: the highest, first on ties
+    assert best.meta["callbacks"]["model_checkpoint"]["best"] == pytest.approx(max(scores))
+
+    half = train(tiny(tiny_data, tmp_path / "half", epochs=2, **BN_RUN))
+    train(build_config({"resume": str(half), "epochs": 3}))
+    a, b = load_checkpoint(straight / "last.npz"), load_checkpoint(half / "last.npz")
+    assert b.optimizer_state["t"] == 3 * 3
+    assert_same_arrays(a.params, b.params)
+    assert_same_arrays(a.buffers, b.buffers)
+    for key in ("m", "v"):
+        assert_same_arrays(a.optimizer_state[key], b.optimizer_state[key])
+    assert [{k: v for k, v in row.items() if k != "seconds"} for row in read_history(straight)] == \
+           [{k: v for k, v in row.items() if k != "seconds"} for row in read_history(half)]
+    assert_same_arrays(best.buffers, load_checkpoint(half / "best.npz").buffers)
+
+
+def test_epoch_loss_switches_to_the_second_loss():
+    two = TrainConfig(loss="bce", loss2="lovasz", loss2_epoch=3)
+    assert [training.epoch_loss(two, epoch) for epoch in range(5)] == [binary_crossentropy] * 2 + [lovasz_hinge] * 3
+    one = TrainConfig(loss="lovasz", loss2_epoch=2)  # no loss2: loss2_epoch means nothing
+    assert all(training.epoch_loss(one, epoch) is lovasz_hinge for epoch in range(4))
+    at_once = TrainConfig(loss="bce", loss2="lovasz", loss2_epoch=1)
+    assert training.epoch_loss(at_once, 0) is lovasz_hinge
+
+
+@pytest.mark.parametrize("settings, flag", [
+    ({"block": "dense"}, "--block"),
+    ({"loss": "dice"}, "--loss"),
+    ({"loss2": "dice"}, "--loss2"),
+    ({"loss2_epoch": -1}, "--loss2-epoch"),
+    ({"monitor": "val_accuracy"}, "--monitor"),
+    ({"flip_mode": "sometimes"}, "--flip-mode"),
+])
+def test_bad_block_loss_monitor_or_flip_mode(tmp_path, settings, flag):
+    with pytest.raises(ConfigError) as err:
+        training.validate(replace_tiny(tmp_path, **settings))
+    message = str(err.value)
+    assert message.startswith(f"{flag} ") and "\n" not in message
+    assert repr(next(iter(settings.values()))) in message

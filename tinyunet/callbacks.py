@@ -240,3 +240,40 @@ class ReduceLROnPlateau:
         self.wait = int(state["wait"])
         self.best = float(state["best"])
         self.cooldown_counter = int(state["cooldown_counter"])
+
+
+class CosineAnnealing:
+    """Cosine annealing with warm restarts (SGDR, Loshchilov and Hutter 2017), one rate per epoch:
+
+        lr(epoch) = min_lr + (max_lr - min_lr) * (1 + cos(pi * (epoch mod cycle) / cycle)) / 2
+
+    Every cycle of ``cycle`` epochs starts at ``max_lr`` and ends just above ``min_lr``, where the
+    weights settle in a minimum worth keeping: :meth:`on_epoch_end` returns True at the last epoch
+    of each cycle, when the loop saves a snapshot (an ensemble member). The rate is a function of the
+    epoch alone, so the state to resume is empty.
+    """
+
+    def __init__(self, optimizer: HasLearningRate, max_lr: float, cycle: int, min_lr: float = 1e-5):
+        if cycle < 1:
+            raise ValueError(f"cycle must be at least 1 epoch, got {cycle}")
+        if not 0 <= min_lr <= max_lr:
+            raise ValueError(f"need 0 <= min_lr <= max_lr, got min_lr={min_lr}, max_lr={max_lr}")
+        self.optimizer = optimizer
+        self.max_lr, self.min_lr, self.cycle = max_lr, min_lr, cycle
+
+    def lr_at(self, epoch: int) -> float:
+        t = (epoch % self.cycle) / self.cycle  # in [0, 1)
+        return self.min_lr + (self.max_lr - self.min_lr) * (1 + math.cos(math.pi * t)) / 2
+
+    def on_epoch_begin(self, epoch: int) -> None:
+        self.optimizer.lr = self.lr_at(epoch)
+
+    def on_epoch_end(self, epoch: int, logs: dict) -> bool:
+        """True when ``epoch`` ends a cycle: the weights are a snapshot to keep."""
+        return (epoch + 1) % self.cycle == 0
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

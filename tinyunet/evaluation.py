@@ -26,7 +26,8 @@ import numpy as np
 
 from tinyunet.backend import as_numpy
 from tinyunet.data import coverage, coverage_class
-from tinyunet.metrics import best_threshold, image_scores, iou, pixel_accuracy, threshold_sweep, to_bool
+from tinyunet.metrics import (best_threshold, drop_small, image_scores, iou, pixel_accuracy, threshold_sweep,
+                              to_bool)
 from tinyunet.pipeline import binarize
 
 N_CLASSES = 11  # coverage classes 0 (empty) .. 10
@@ -92,13 +93,14 @@ class Report:
 
 
 def evaluate(truth, probs, threshold: float | None = None, threshold_source: str | None = None,
-             n_thresholds: int = 50) -> Report:
+             n_thresholds: int = 50, min_area: int = 0) -> Report:
     """Score probabilities ``probs`` (N, H, W) against boolean (or 0/1) masks ``truth`` (N, H, W).
 
     Sweeps ``n_thresholds`` probability thresholds in [0, 1]; the numbers at one threshold are taken
     at ``threshold`` when given, else at the sweep's best. ``threshold_source`` says in the report
     where a given threshold came from (default "given"). A pixel is salt when its probability is
-    greater than the threshold, as in prediction.
+    greater than the threshold, as in prediction; with ``min_area`` the empty-mask rule applies too
+    (:func:`tinyunet.metrics.drop_small`), in the sweep and at the threshold.
     """
     truth = to_bool(truth, "truth")
     if truth.ndim != 3 or truth.shape != probs.shape:
@@ -106,7 +108,8 @@ def evaluate(truth, probs, threshold: float | None = None, threshold_source: str
                          f"and {probs.shape}")
     if truth.shape[0] == 0:
         raise ValueError("evaluate needs at least one image")
-    thresholds, scores = threshold_sweep(truth, probs, n_thresholds)
+    thresholds, scores = threshold_sweep(truth, probs, n_thresholds, min_areas=[min_area])
+    scores = scores[0]
     best_t, best_s = best_threshold(thresholds, scores)
     if threshold is None:
         threshold, threshold_source = best_t, "best of the sweep"
@@ -115,7 +118,7 @@ def evaluate(truth, probs, threshold: float | None = None, threshold_source: str
         if not 0 <= threshold <= 1:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
         threshold_source = threshold_source or "given"
-    pred = binarize(probs, threshold)  # NumPy bool (N, H, W)
+    pred = drop_small(binarize(probs, threshold), min_area)  # NumPy bool (N, H, W)
     truth = as_numpy(truth)
     per_image = image_scores(truth, pred)  # (N,)
     per_iou = iou(truth, pred)  # (N,)

@@ -29,7 +29,8 @@ Exact resume: every random draw is a function of (seed, epoch): the initial weig
 shuffle of ``np.random.default_rng([seed, epoch])`` and the dropout masks of
 ``model.reseed_dropout((seed, epoch))``. last.npz holds the weights, Adam's moments and step, the
 callbacks' counters and the history, so 2 epochs + ``--resume`` 2 more give, on the CPU, bit for bit
-the weights of 4 epochs straight (with the same ``threads``).
+the weights of 4 epochs straight (with the same ``threads``). On a GPU only on the same GPU model: CuPy's
+generator stream (the dropout masks) depends on the device's multiprocessor count.
 
 On the CPU every batch is split between ``threads`` threads, each running the whole network on its
 share (:class:`tinyunet.parallel.DataParallel`); the functions below take either a UNet or that.
@@ -54,25 +55,24 @@ from typing import Any
 import numpy as np
 
 from tinyunet.backend import as_array, as_numpy
-from tinyunet.callbacks import EarlyStopping, ModelCheckpoint, ReduceLROnPlateau
-from tinyunet.checkpoint import (CheckpointError, check_compatible, load_checkpoint, remove_stale_temporaries,
-                                 save_checkpoint, temporary_path)
-from tinyunet.data import (DataError, augment_hflip, check_finite, coverage, coverage_class,
-                           fingerprint, load_train, minibatches, stratified_split)
+from tinyunet.blocks import BLOCKS
+from tinyunet.callbacks import CosineAnnealing, EarlyStopping, ModelCheckpoint, ReduceLROnPlateau
+from tinyunet.checkpoint import CheckpointError, load_checkpoint, remove_stale_temporaries, save_checkpoint, temporary_path
+from tinyunet.data import (DataError, augment_hflip, check_finite, coverage, coverage_class, fingerprint, load_train,
+                           minibatches, stratified_split)
+from tinyunet.ensemble import save_ensemble
 from tinyunet.layers import sigmoid
-from tinyunet.losses import binary_crossentropy, pixel_accuracy
-from tinyunet.metrics import best_threshold, competition_score, threshold_sweep
+from tinyunet.losses import LOSSES, get_loss, pixel_accuracy
+from tinyunet.metrics import best_postprocessing, best_threshold, competition_score, drop_small, threshold_sweep
+from tinyunet.models import load_into
 from tinyunet.optim import Adam
 from tinyunet.parallel import DataParallel
 from tinyunet.pipeline import FITS, from_network, probabilities, to_network
-from tinyunet.unet import UNet
+from tinyunet.unet import UNet, default_dropout
 
 # --------------------------------------------------------------------------------------------
 # Every default in one place
 # --------------------------------------------------------------------------------------------
-
-DROPOUT = (0.25, 0.3, 0.4, 0.5)  # the recipe's dropout per level, top level first
-
 
 @dataclass
 class TrainConfig:
@@ -85,7 +85,12 @@ class TrainConfig:
     batch_size: int = 8
     features: int = 8  # filters at the top level, doubled per level down
     depth: int = 4  # levels down (and up)
-    dropout: tuple[float, ...] | None = None  # per level; None: DROPOUT, cut (or extended with its last) to depth
+    dropout: tuple[float, ...] | None = None  # per level; None: the recipe's, cut (or extended with its last) to depth
+    block: str = "double"  # each level's two convs: "double" (the seed), "double_bn", "residual" (tinyunet.blocks)
+    loss: str = "bce"  # the training loss, by name (tinyunet.losses.LOSSES)
+    loss2: str | None = None  # a second loss from epoch loss2_epoch on (e.g. BCE first, then "lovasz")
+    loss2_epoch: int = 0  # the first epoch (counting from 1) trained with loss2
+    monitor: str = "val_loss"  # what early stopping, the best checkpoint and the LR cut watch: or "val_score"
     lr: float = 1e-3  # Adam's learning rate
     val_split: float = 0.2  # validation share, stratified by coverage class
     seed: int = 0  # weights, split, shuffles, dropout: all drawn from it
@@ -97,9 +102,15 @@ class TrainConfig:
     lr_patience: int = 5  # ReduceLROnPlateau on val_loss
     lr_factor: float = 0.1
     min_lr: float = 1e-5
-    flip: bool = True  # add the left-right mirror of every training image (doubles the part)
+    schedule: str = "plateau"  # "plateau": x lr_factor after lr_patience flat epochs; "cosine": warm restarts
+    cycle: int = 10  # epochs per cosine cycle; the end of each saves snapshot<k>.npz, an ensemble member
+    flip: bool = True  # left-right mirrors of the training images, as flip_mode says
+    flip_mode: str = "double"  # "double": every mirror appended (the seed); "random": each image mirrored
+    #                            with probability 1/2 in every epoch's batches (half the epoch's cost)
     limit: int | None = None  # use only this many training images (a random subset by seed)
     preset: str = "recipe"  # which defaults apply: "recipe", or "quick" (the built-in synthetic set)
+    tta: bool = False  # predict validation (and, recorded in best.npz, test) images also mirrored, averaged
+    empty_rule: bool = False  # tune a minimum predicted area on validation; smaller masks become empty
     progress: bool = True  # tqdm bar (it hides itself when the output is not a terminal)
     plots: bool = True  # write the PNGs after training
 
@@ -125,10 +136,15 @@ REAL_DATA = (Path("data/tgs-salt-identification-challenge.zip"), Path("data/tgs-
 RUNS_DIR = Path("runs")  # default parent of the run folders
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "val_score", "lr", "seconds")
 EVAL_BATCH = 32  # images per forward pass when validating
+MIN_AREAS = (0, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300)  # the empty-mask rule's candidates, in pixels
 GPU_SYNC_EVERY = 20  # steps between host syncs on a GPU (progress bar, NaN check)
 
 # Settings that decide the model, the split or the geometry: a resumed run must keep them.
-FIXED_ON_RESUME = ("features", "depth", "dropout", "fit", "input_size", "val_split", "seed", "flip", "limit")
+FIXED_ON_RESUME = ("features", "depth", "dropout", "block", "fit", "input_size", "val_split", "seed", "flip",
+                   "flip_mode", "limit")
+FLIP_MODES = ("double", "random")
+SCHEDULES = ("plateau", "cosine")
+MONITORS = {"val_loss": "min", "val_score": "max"}  # a monitored value and the direction it improves in
 
 
 class ConfigError(ValueError):
@@ -206,7 +222,7 @@ def dropout_rates(config: TrainConfig) -> tuple[float, ...]:
     """The dropout rate of each level: the config's, or :data:`DROPOUT` fitted to the depth."""
     if config.dropout is not None:
         return tuple(float(rate) for rate in config.dropout)
-    return tuple(DROPOUT[min(level, len(DROPOUT) - 1)] for level in range(config.depth))
+    return default_dropout(config.depth)
 
 
 def _is_int(value: Any) -> bool:
@@ -251,6 +267,14 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"--dropout {shown} is invalid: give one rate in [0, 1) per level, comma-separated "
                           f"({config.depth} at --depth {config.depth})")
     need(config.preset in ("recipe", "quick"), "preset", "it must be 'recipe' or 'quick'")
+    need(config.block in BLOCKS, "block", f"choose one of {', '.join(BLOCKS)}")
+    need(config.loss in LOSSES, "loss", f"choose one of {', '.join(LOSSES)}")
+    need(config.loss2 is None or config.loss2 in LOSSES, "loss2", f"choose one of {', '.join(LOSSES)}")
+    need(_is_int(config.loss2_epoch) and config.loss2_epoch >= 0, "loss2_epoch", "it must be a whole number >= 0")
+    need(config.monitor in MONITORS, "monitor", f"choose one of {', '.join(MONITORS)}")
+    need(config.flip_mode in FLIP_MODES, "flip_mode", f"choose one of {', '.join(FLIP_MODES)}")
+    need(config.schedule in SCHEDULES, "schedule", f"choose one of {', '.join(SCHEDULES)}")
+    need(_is_int(config.cycle) and config.cycle >= 1, "cycle", "it must be a whole number >= 1")
     need(config.threads is None or (_is_int(config.threads) and config.threads >= 1), "threads",
          "it must be a whole number >= 1 (or leave it out to use every core)")
 
@@ -388,7 +412,7 @@ def prepare_data(config: TrainConfig, path: Path, xp, dtype) -> Prepared:
     train_idx, val_idx = stratified_split(coverage_class(cov), config.val_split, config.seed)
     x_train, box = to_network(images[train_idx], config.fit, config.input_size, config.depth)  # (N, S, S', 1)
     y_train, _ = to_network(masks[train_idx], config.fit, config.input_size, config.depth)
-    if config.flip:
+    if config.flip and config.flip_mode == "double":
         x_train, y_train = augment_hflip(x_train, y_train)  # (2N, S, S', 1): originals, then mirrors
     x_val, _ = to_network(images[val_idx], config.fit, config.input_size, config.depth)
     y_val, _ = to_network(masks[val_idx], config.fit, config.input_size, config.depth)
@@ -413,17 +437,29 @@ def _progress_bar(total: int, desc: str, enabled: bool):
                 dynamic_ncols=True)
 
 
+def epoch_loss(config: TrainConfig, epoch: int):
+    """The loss function of ``epoch`` (counting from 0): ``loss``, or ``loss2`` from ``loss2_epoch`` on."""
+    second = config.loss2 is not None and epoch + 1 >= config.loss2_epoch
+    return get_loss(config.loss2 if second else config.loss)
+
+
 def train_epoch(model, optimizer, x, y, config: TrainConfig, epoch: int) -> tuple[float, float]:
     """One pass over the training part; returns (mean loss, mean pixel accuracy) over its images.
 
-    ``epoch`` counts from 0. Raises TrainingDiverged at the first non-finite loss found.
+    ``epoch`` counts from 0. Raises TrainingDiverged at the first non-finite loss found. With
+    ``flip_mode="random"`` each image of a batch is mirrored left-right with probability 1/2, drawn
+    (after the shuffle) from the epoch's generator, so a resumed run draws the same mirrors.
     """
     xp = model.xp
     n = len(x)
     rng = np.random.default_rng([config.seed, epoch])  # the shuffle of this epoch, whatever came before
     model.reseed_dropout((config.seed, epoch))
+    loss_fn = epoch_loss(config, epoch)
     batches = list(minibatches(n, config.batch_size, rng, shuffle=True))
     order = as_array(np.concatenate(batches), xp)  # one small copy per epoch; batches are slices of it
+    mirrored = None
+    if config.flip and config.flip_mode == "random":
+        mirrored = as_array(rng.random(n) < 0.5, xp)[:, None, None, None]  # (n, 1, 1, 1), in batch order
     sync_every = 1 if xp is np else GPU_SYNC_EVERY
     loss_sum = xp.zeros((), dtype=xp.float64)  # sums stay on the device between syncs
     acc_sum = xp.zeros((), dtype=xp.float64)
@@ -436,8 +472,11 @@ def train_epoch(model, optimizer, x, y, config: TrainConfig, epoch: int) -> tupl
             idx = order[start:start + len(batch)]
             start += len(batch)
             xb, yb = x[idx], y[idx]  # gathered on the device
+            if mirrored is not None:
+                flip = mirrored[start - len(batch):start]  # (B, 1, 1, 1)
+                xb, yb = xp.where(flip, xb[:, :, ::-1], xb), xp.where(flip, yb[:, :, ::-1], yb)
             logits = model.forward(xb, train=True)  # (B, S, S', 1)
-            loss, dlogits = binary_crossentropy(logits, yb)
+            loss, dlogits = loss_fn(logits, yb)
             pending.append(loss)
             if len(pending) == sync_every or b == len(batches) - 1:
                 values = as_numpy(xp.stack(pending)) if len(pending) > 1 else np.array([float(loss)])
@@ -461,13 +500,15 @@ def train_epoch(model, optimizer, x, y, config: TrainConfig, epoch: int) -> tupl
     return float(loss_sum) / n, float(acc_sum) / n
 
 
-def evaluate(model, prep: Prepared, config: TrainConfig) -> tuple[float, float, float]:
-    """Validation (loss, pixel accuracy, competition score at threshold 0.5), no dropout.
+def validate_epoch(model, prep: Prepared, config: TrainConfig, epoch: int) -> tuple[float, float, float]:
+    """Validation (loss, pixel accuracy, competition score at threshold 0.5), no dropout; the loss
+    is the one ``epoch`` trains with.
 
     Loss and accuracy are at the network's size, against the fitted masks (as Keras would see them);
     the score is on the probabilities brought back to the original size, against the original masks.
     """
     xp = model.xp
+    loss_fn = epoch_loss(config, epoch)
     n = len(prep.x_val)
     size = prep.val_truth.shape[1:]
     probs = xp.empty((n,) + size, dtype=model.dtype)  # (M, H, W)
@@ -476,7 +517,7 @@ def evaluate(model, prep: Prepared, config: TrainConfig) -> tuple[float, float, 
     for start in range(0, n, EVAL_BATCH):
         xb, yb = prep.x_val[start:start + EVAL_BATCH], prep.y_val[start:start + EVAL_BATCH]
         logits = model.forward(xb, train=False)
-        loss, _ = binary_crossentropy(logits, yb)
+        loss, _ = loss_fn(logits, yb)
         loss_sum += loss * len(xb)
         acc_sum += pixel_accuracy(logits, yb) * len(xb)
         probs[start:start + len(xb)] = from_network(sigmoid(logits), config.fit, prep.box, size)
@@ -511,15 +552,13 @@ def _check_resume(config: TrainConfig, checkpoint, run: Path) -> None:
 def _setup(config: TrainConfig, run: Path, resume_from):
     """The model (with the resumed state), its optimizer, the history so far and the prepared data."""
     rates = dropout_rates(config)
-    model = UNet(features=config.features, depth=config.depth, dropout=rates, seed=config.seed,
+    model = UNet(features=config.features, depth=config.depth, dropout=rates, block=config.block, seed=config.seed,
                  dtype=np.float32, gpu=config.gpu)  # GPUUnavailableError here, before any data is read
     xp = model.xp
     optimizer = Adam(model.params, lr=config.lr)
     history: list[dict] = []
     if resume_from is not None:
-        shapes = {name: tuple(p.shape) for name, p in model.params.items()}
-        check_compatible(resume_from, shapes, {"features": config.features, "depth": config.depth})
-        model.load_params(resume_from.params)
+        load_into(model, resume_from)
         if resume_from.optimizer_state is None:
             raise CheckpointError(f"{resume_from.path} has no optimizer state, so the run cannot continue exactly; "
                                   "start a new run")
@@ -548,10 +587,12 @@ def _describe(config: TrainConfig, run: Path, net: DataParallel, prep: Prepared,
     s, s2 = prep.x_val.shape[1:3]
     _say(f"run folder: {run}" + (f" (resuming after epoch {resumed_after})" if resumed_after is not None else ""))
     _say(f"data: {config.data}, {len(prep.ids)} images {h}x{w} (fingerprint {prep.fingerprint})")
-    _say(f"split: {len(prep.train_idx)} train" + (f" (x2 with left-right flips = {len(prep.x_train)})"
-                                                  if config.flip else "")
+    flips = {"double": f" (x2 with left-right flips = {len(prep.x_train)})",
+             "random": " (each mirrored left-right with probability 1/2 in every epoch)"}
+    _say(f"split: {len(prep.train_idx)} train" + (flips[config.flip_mode] if config.flip else "")
          + f", {len(prep.val_idx)} validation, stratified by coverage class (seed {config.seed})")
-    _say(f"model: U-Net features={config.features} depth={config.depth} dropout={net.config['dropout']}, "
+    _say(f"model: U-Net features={config.features} depth={config.depth} block={config.block} "
+         f"dropout={net.config['dropout']}, "
          f"{net.model.count_params():,} parameters; input {h}x{w} -> {s}x{s2} ({config.fit}); "
          f"{f'CPU (NumPy), {net.threads} thread(s)' if net.xp is np else 'GPU (CuPy)'}")
     if config.preset == "quick":
@@ -561,9 +602,10 @@ def _describe(config: TrainConfig, run: Path, net: DataParallel, prep: Prepared,
              + (f", overridden by flags: {', '.join(changed)}" if changed else "; flags override them")
              + "; with --data the seed recipe's defaults apply")
     lr_note = f" (reduced on plateau from {config.lr:g})" if lr != config.lr else ""  # only on a resume
-    _say(f"training: epochs={config.epochs} batch_size={config.batch_size} lr={lr:g}{lr_note}; early stopping "
-         f"patience {config.patience}; lr x{config.lr_factor} after {config.lr_patience} epochs without "
-         f"improvement (min {config.min_lr})")
+    losses = config.loss + (f" (epochs 1-{config.loss2_epoch - 1}), then {config.loss2}" if config.loss2 else "")
+    _say(f"training: epochs={config.epochs} batch_size={config.batch_size} lr={lr:g}{lr_note}; loss {losses}; "
+         f"early stopping patience {config.patience} on {config.monitor}; lr x{config.lr_factor} after "
+         f"{config.lr_patience} epochs without improvement (min {config.min_lr})")
 
 
 def train(config: TrainConfig) -> Path:
@@ -606,14 +648,18 @@ def train(config: TrainConfig) -> Path:
                 "callbacks": {name: cb.state_dict() for name, cb in callbacks.items()}, "seed": config.seed}
 
     def save_best(epoch: int, logs: dict) -> None:
-        save_checkpoint(run / "best.npz", model.params, meta(epoch + 1))
+        save_checkpoint(run / "best.npz", model.params, meta(epoch + 1), buffers=model.buffers)
 
     callbacks = {
-        "early_stopping": EarlyStopping(patience=config.patience),
-        "model_checkpoint": ModelCheckpoint(save_best),
-        "reduce_lr": ReduceLROnPlateau(optimizer, factor=config.lr_factor, patience=config.lr_patience,
-                                       min_lr=config.min_lr),
+        "early_stopping": EarlyStopping(config.monitor, patience=config.patience, mode=MONITORS[config.monitor]),
+        "model_checkpoint": ModelCheckpoint(save_best, monitor=config.monitor, mode=MONITORS[config.monitor]),
     }
+    if config.schedule == "cosine":
+        callbacks["cosine"] = CosineAnnealing(optimizer, config.lr, config.cycle, config.min_lr)
+    else:
+        callbacks["reduce_lr"] = ReduceLROnPlateau(optimizer, monitor=config.monitor, factor=config.lr_factor,
+                                                   patience=config.lr_patience, min_lr=config.min_lr,
+                                                   mode=MONITORS[config.monitor])
     if resume_from is not None:
         for name, cb in callbacks.items():
             state = resume_from.meta.get("callbacks", {}).get(name)
@@ -633,10 +679,12 @@ def train(config: TrainConfig) -> Path:
                 if callbacks["early_stopping"].stop_training:
                     break
                 started = time.perf_counter()
+                if "cosine" in callbacks:
+                    callbacks["cosine"].on_epoch_begin(epoch)
                 lr = float(optimizer.lr)
                 try:
                     loss, acc = train_epoch(net, optimizer, prep.x_train, prep.y_train, config, epoch)
-                    val_loss, val_acc, val_score = evaluate(net, prep, config)
+                    val_loss, val_acc, val_score = validate_epoch(net, prep, config, epoch)
                     if not math.isfinite(val_loss):
                         raise TrainingDiverged(f"the validation loss became {val_loss} after epoch {epoch + 1}")
                 except TrainingDiverged as err:
@@ -650,18 +698,23 @@ def train(config: TrainConfig) -> Path:
                 logs = {k: v for k, v in row.items() if k not in ("epoch", "seconds")}
                 stop = callbacks["early_stopping"].on_epoch_end(epoch, logs)
                 saved = callbacks["model_checkpoint"].on_epoch_end(epoch, logs)
-                reduced = callbacks["reduce_lr"].on_epoch_end(epoch, logs)
-                save_checkpoint(run / "last.npz", model.params, meta(epoch + 1), optimizer.state_dict())
+                reduced = "reduce_lr" in callbacks and callbacks["reduce_lr"].on_epoch_end(epoch, logs)
+                snapshot = None
+                if "cosine" in callbacks and callbacks["cosine"].on_epoch_end(epoch, logs):
+                    snapshot = run / snapshot_name((epoch + 1) // config.cycle)
+                    save_checkpoint(snapshot, model.params, meta(epoch + 1), buffers=model.buffers)
+                save_checkpoint(run / "last.npz", model.params, meta(epoch + 1), optimizer.state_dict(),
+                                model.buffers)
                 last_saved = epoch + 1
                 write_history(run / "history.csv", history)
-                notes = (["saved best.npz"] if saved else []) + \
+                notes = (["saved best.npz"] if saved else []) + ([f"saved {snapshot.name}"] if snapshot else []) + \
                         ([f"lr -> {optimizer.lr:.1e}"] if reduced else []) + (["early stop"] if stop else [])
                 _say(f"epoch {epoch + 1:3d}/{config.epochs}  loss {loss:.4f}  acc {acc:.4f}  val_loss {val_loss:.4f}  "
                      f"val_acc {val_acc:.4f}  val_score {val_score:.4f}  lr {lr:.1e}  {row['seconds']:.1f}s"
                      + (f"  [{', '.join(notes)}]" if notes else ""))
                 if stop:
                     es = callbacks["early_stopping"]
-                    _say(f"early stopping: val_loss has not improved for {es.wait} epochs "
+                    _say(f"early stopping: {config.monitor} has not improved for {es.wait} epochs "
                          f"(best {es.best:.4f} at epoch {es.best_epoch + 1})")
                     break
             summary = finish(net, prep, config, run, history)
@@ -691,20 +744,58 @@ def _saved_note(run: Path, last_saved: int, history: list[dict]) -> str:
             + (f", {best} epoch {best_epoch}" if best_epoch is not None else "") + ".")
 
 
+def _tune(prep: Prepared, probs, config: TrainConfig):
+    """The threshold (and with ``config.empty_rule`` the minimum area) that score the validation
+    probabilities best: ``(min_area, threshold, score, thresholds, scores at that area)``."""
+    if not config.empty_rule:
+        thresholds, scores = threshold_sweep(prep.val_truth, probs)
+        return (0, *best_threshold(thresholds, scores), thresholds, scores)
+    thresholds, grid = threshold_sweep(prep.val_truth, probs, min_areas=MIN_AREAS)  # (A, T)
+    min_area, threshold, score = best_postprocessing(thresholds, grid, MIN_AREAS)
+    return min_area, threshold, score, thresholds, grid[MIN_AREAS.index(min_area)]
+
+
+def snapshot_name(k: int) -> str:
+    """The file of the k-th cosine cycle's snapshot (k from 1): snapshot01.npz, ..."""
+    return f"snapshot{k:02d}.npz"
+
+
 def finish(model, prep: Prepared, config: TrainConfig, run: Path, history: list[dict]):
     """Best weights -> validation probabilities -> threshold sweep -> best.npz's meta -> plots.
 
+    With ``config.tta`` the probabilities average each image and its mirror; with ``config.empty_rule``
+    the sweep also tries every minimum area of :data:`MIN_AREAS` and keeps the best pair. best.npz
+    records what predict.py then applies: ``best_threshold``, ``min_area`` (0: no rule) and ``tta``.
+    A cosine run with two or more snapshots also gets ``ensemble.npz``: every snapshot, their mean
+    probability tuned the same way (:mod:`tinyunet.ensemble`).
     Returns ``(best epoch, its val_loss, best threshold, validation score at it)``.
     """
+    def predict_val(ckpt):
+        model.load_params(ckpt.params, ckpt.buffers)
+        return probabilities(model, prep.val_images, config.fit, config.input_size, batch_size=EVAL_BATCH,
+                             tta=config.tta)
+
+    snapshots = sorted(run.glob("snapshot[0-9][0-9].npz")) if config.schedule == "cosine" else []
+    if len(snapshots) >= 2:
+        members = [load_checkpoint(path) for path in snapshots]
+        mean = predict_val(members[0])
+        for member in members[1:]:
+            mean += predict_val(member)
+        mean /= mean.dtype.type(len(members))
+        min_area, threshold, score, _, _ = _tune(prep, mean, config)
+        shared = {k: v for k, v in members[-1].meta.items() if k not in ("history", "callbacks", "model")}
+        save_ensemble(run / "ensemble.npz", members, {**shared, "best_threshold": threshold, "val_score": score,
+                                                      "min_area": min_area, "tta": config.tta})
+        _say(f"ensemble of {len(members)} snapshots ({', '.join(p.name for p in snapshots)}): validation score "
+             f"{score:.4f} at threshold {threshold:.3f}, min area {min_area}; saved {run / 'ensemble.npz'}")
+
     best = load_checkpoint(run / "best.npz")
-    model.load_params(best.params)
-    probs = probabilities(model, prep.val_images, config.fit, config.input_size, batch_size=EVAL_BATCH)
-    thresholds, scores = threshold_sweep(prep.val_truth, probs)
-    threshold, score = best_threshold(thresholds, scores)
+    probs = predict_val(best)
+    min_area, threshold, score, thresholds, scores = _tune(prep, probs, config)
     meta = dict(best.meta)
-    meta.update(best_threshold=threshold, val_score=score,
+    meta.update(best_threshold=threshold, val_score=score, min_area=min_area, tta=config.tta,
                 threshold_sweep={"thresholds": [float(t) for t in thresholds], "scores": [float(s) for s in scores]})
-    save_checkpoint(run / "best.npz", best.params, meta, best.optimizer_state)
+    save_checkpoint(run / "best.npz", best.params, meta, best.optimizer_state, best.buffers)
     best_epoch = int(meta["epoch"])
     val_loss = next((row["val_loss"] for row in history if row["epoch"] == best_epoch), float("nan"))
 
@@ -717,7 +808,8 @@ def finish(model, prep: Prepared, config: TrainConfig, run: Path, history: list[
     ids = [prep.ids[i] for i in prep.val_idx]
     plots.learning_curves(history, run / "learning_curves.png")
     plots.threshold_curve(thresholds, scores, threshold, run / "threshold_sweep.png")
-    plots.prediction_grid(images, probs_np, probs_np > np.float32(threshold), run / "val_predictions.png",
+    plots.prediction_grid(images, probs_np, drop_small(probs_np > np.float32(threshold), min_area),
+                          run / "val_predictions.png",
                           truths=as_numpy(prep.val_truth), ids=ids)
     plots.coverage_histogram(prep.coverage[prep.train_idx], prep.coverage[prep.val_idx], run / "coverage.png")
     return best_epoch, val_loss, threshold, score
