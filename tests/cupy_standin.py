@@ -290,7 +290,8 @@ UFUNCS = ("absolute", "add", "bitwise_and", "bitwise_or", "ceil", "divide", "equ
 ON_DEVICE_ARRAYS = ("all", "allclose", "any", "argmax", "argsort", "around", "array_equal", "bincount",
                     "broadcast_to", "concatenate", "count_nonzero", "cumsum", "expand_dims", "flatnonzero",
                     "flip", "isin", "mean", "nonzero", "pad", "ravel", "reshape", "round", "searchsorted",
-                    "sort", "squeeze", "stack", "sum", "take", "tile", "transpose", "unique")
+                    "sort", "squeeze", "stack", "sum", "take", "take_along_axis", "put_along_axis", "tile",
+                    "transpose", "unique")
 CREATE = ("arange", "empty", "full", "linspace", "ones", "zeros")
 LIKE = ("empty_like", "full_like", "ones_like", "zeros_like")
 FROM_NUMPY = ("bool_", "complex64", "complex128", "dtype", "finfo", "float16", "float32", "float64", "iinfo",

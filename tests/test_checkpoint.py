@@ -16,6 +16,8 @@ import pytest
 from tinyunet import checkpoint as ckpt
 from tinyunet.checkpoint import (Checkpoint, CheckpointError, check_compatible, load_checkpoint,
                                  remove_stale_temporaries, save_checkpoint)
+from tinyunet.models import load_model
+from tinyunet.unet import UNet
 
 CONFIG = {"features": 16, "depth": 4, "lr": 1e-3}
 
@@ -387,3 +389,98 @@ def test_mismatch_without_a_recorded_config(tmp_path):
     bare = Checkpoint(path=tmp_path / "x.npz", params={"w": np.ones(2)}, meta={}, optimizer_state=None)
     with pytest.raises(CheckpointError, match="checkpoint has no recorded config; this model has features=8"):
         check_compatible(bare, {"w": (3,)}, {"features": 8})
+
+
+# --- buffers (BatchNorm's moving statistics) ----------------------------------------------------
+
+
+def make_buffers():
+    rng = np.random.default_rng(1)
+    return {  # not in alphabetical order: the saved order is the model's, not the archive's
+        "enc1.bn2.moving_mean": rng.standard_normal(3).astype(np.float32),
+        "enc1.bn2.moving_variance": rng.uniform(0.5, 2, 3).astype(np.float32),
+        "enc1.bn1.moving_mean": rng.standard_normal(4),
+    }
+
+
+def test_buffers_round_trip_in_order(tmp_path):
+    params, buffers = make_params(), make_buffers()
+    path = save_checkpoint(tmp_path / "bn.npz", params, make_meta(), make_optimizer_state(params), buffers=buffers)
+    loaded = load_checkpoint(path)
+    assert list(loaded.buffers) == list(buffers) and list(loaded.params) == list(params)
+    for name, array in buffers.items():
+        assert loaded.buffers[name].dtype == array.dtype
+        np.testing.assert_array_equal(loaded.buffers[name], array)
+    with np.load(path, allow_pickle=False) as npz:
+        doc = json.loads(npz["meta.json"].tobytes())
+        assert {f"buffer/{name}" for name in buffers} <= set(npz.files)
+    assert doc["buffer_order"] == list(buffers)
+
+
+def test_a_checkpoint_without_buffers_keeps_the_old_format(saved, tmp_path):
+    path, _ = saved
+    with np.load(path, allow_pickle=False) as npz:
+        doc = json.loads(npz["meta.json"].tobytes())
+        assert not [name for name in npz.files if name.startswith("buffer/")]
+    assert "buffer_order" not in doc
+    assert load_checkpoint(path).buffers == {}
+    empty = save_checkpoint(tmp_path / "empty.npz", make_params(), {}, buffers={})
+    with np.load(empty, allow_pickle=False) as npz:
+        assert "buffer_order" not in json.loads(npz["meta.json"].tobytes())
+
+
+def test_missing_buffer_listed_in_the_order(tmp_path):
+    path = save_checkpoint(tmp_path / "bn.npz", make_params(), {}, buffers=make_buffers())
+    rewrite(path, drop=("buffer/enc1.bn1.moving_mean",))
+    with pytest.raises(CheckpointError) as excinfo:
+        load_checkpoint(path)
+    assert_one_line_error(excinfo, str(path), "incomplete", "buffers enc1.bn1.moving_mean")
+
+
+def _residual_model_file(tmp_path, buffers=None):
+    """A residual U-Net with random BatchNorm statistics, saved as train.py saves best.npz."""
+    model = UNet(features=2, depth=2, block="residual", seed=4)
+    rng = np.random.default_rng(2)
+    for name, value in model.buffers.items():  # random statistics, so that loading them matters
+        value[...] = rng.uniform(0.5, 1.5, value.shape) if name.endswith("variance") else rng.standard_normal(
+            value.shape)
+    meta = {"model": model.config, "fit": "resize", "input_size": 16, "epoch": 1, "best_threshold": 0.5}
+    path = save_checkpoint(tmp_path / "best.npz", model.params, meta,
+                           buffers=model.buffers if buffers is None else buffers(model.buffers))
+    return model, path
+
+
+def test_load_model_predicts_exactly_as_the_saved_model(tmp_path):
+    model, path = _residual_model_file(tmp_path)
+    loaded, checkpoint = load_model(path)
+    assert loaded.config == model.config and loaded.config["block"] == "residual"
+    assert list(checkpoint.buffers) == list(model.buffers)
+    x = np.random.default_rng(0).random((3, 16, 16, 1)).astype(np.float32)
+    np.testing.assert_array_equal(loaded.predict(x), model.predict(x))
+    fresh = UNet(**model.config)  # the same weights with the initial statistics (mean 0, variance 1)
+    fresh.load_params(checkpoint.params, {name: b.copy() for name, b in fresh.buffers.items()})
+    assert not np.allclose(fresh.predict(x), model.predict(x), atol=1e-4)  # the statistics matter
+
+
+@pytest.mark.parametrize("edit", [
+    lambda buffers: dict(list(buffers.items())[:-1]),  # one missing
+    lambda buffers: {name: value[:1] for name, value in buffers.items()},  # wrong shapes
+    lambda buffers: {},  # none at all
+], ids=["missing", "shape", "none"])
+def test_load_model_refuses_buffers_that_do_not_fit(tmp_path, edit):
+    _, path = _residual_model_file(tmp_path, buffers=edit)
+    with pytest.raises(CheckpointError) as excinfo:
+        load_model(path)
+    assert_one_line_error(excinfo, str(path), "buffer")
+
+
+def test_load_model_refuses_non_finite_statistics(tmp_path):
+    def poisoned(buffers):
+        buffers = {name: value.copy() for name, value in buffers.items()}
+        buffers["bridge.bn1.moving_variance"][0] = np.nan
+        return buffers
+
+    _, path = _residual_model_file(tmp_path, buffers=poisoned)
+    with pytest.raises(CheckpointError) as excinfo:
+        load_model(path)
+    assert_one_line_error(excinfo, "NaN or infinite", "bridge.bn1.moving_variance")

@@ -88,6 +88,23 @@ def call_main(argv: list[str]) -> int:
     return exit_code(cli.main, argv)
 
 
+def test_an_abbreviated_flag_is_refused(tmp_path, monkeypatch, capsys):
+    """--epoch 3 is not taken for --epochs 3 (allow_abbrev=False): one line, exit 2, nothing started."""
+    monkeypatch.chdir(tmp_path)
+    assert call_main(["--epoch", "3", "--data", "missing"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "--epoch 3")
+    assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("args, flag", [(["--block", "dense"], "--block"), (["--loss", "dice"], "--loss"),
+                                        (["--monitor", "val_acc"], "--monitor"),
+                                        (["--flip-mode", "sometimes"], "--flip-mode")])
+def test_bad_block_loss_monitor_and_flip_mode_flags(tmp_path, monkeypatch, capsys, args, flag):
+    monkeypatch.chdir(tmp_path)
+    assert call_main(args + ["--data", "missing"]) == 2
+    assert_one_line_error(capsys.readouterr().err, flag)
+
+
 def test_a_bad_value_in_a_real_process(tmp_path):
     done = run_cli(["--batch-size", "0"], tmp_path)
     assert done.returncode == 2
