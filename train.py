@@ -13,7 +13,7 @@ import sys
 from tinyunet.blocks import BLOCKS
 from tinyunet.losses import LOSSES
 from tinyunet.pipeline import FITS
-from tinyunet.training import FLIP_MODES, MONITORS, QUICK, TrainConfig, build_config, flag
+from tinyunet.training import BEST, FLIP_MODES, MONITORS, QUICK, SCHEDULES, TrainConfig, build_config, flag
 
 EXIT_USAGE = 2  # bad input a user can fix (flags, data, checkpoints, GPU)
 EXIT_DIVERGED = 1
@@ -36,6 +36,8 @@ def _default(name: str) -> str:
     """'(default: 40; quick: 12)': the recipe's default, and the quick run's when it differs."""
     value = getattr(TrainConfig(), name)
     text = f"default: {value}"
+    if name in BEST:
+        text += f"; --recipe best: {_shown(BEST[name])}"
     if name in QUICK:
         text += f"; quick run on the synthetic set: {_shown(QUICK[name])}"
     return f"({text})"
@@ -71,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[dict, bool]:
         argument_default=argparse.SUPPRESS,  # only flags actually given reach build_config
         allow_abbrev=False,  # --epoch 3 is an error, not a silent --epochs 3
     )
+    parser.add_argument("--recipe", dest="preset", choices=("seed", "best"), help="the defaults: 'seed', the walkthrough's recipe (0.725 here), or "
+                        "'best', the measured best of docs/accuracy.md (every flag below still overrides them; "
+                        "default: seed, or the quick run when there is no data)")
     parser.add_argument("--data", help="folder in Kaggle's layout (train/images, train/masks, train.csv, "
                         "test/images) or the competition's zip; default: ./data/tgs-salt-identification-"
                         "challenge.zip or ./data/tgs-salt if present, else the built-in synthetic set")
@@ -123,6 +128,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[dict, bool]:
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction,
                         help="add (or, with --no-flip, do not add) the left-right mirror of every training image, "
                         "doubling the training part (default: add them; quick run on the synthetic set: not)")
+    parser.add_argument("--schedule", choices=SCHEDULES, help="the learning rate: 'plateau' cuts it by "
+                        "--lr-factor after --lr-patience flat epochs (the seed); 'cosine' anneals it from --lr to "
+                        "--min-lr over every --cycle epochs, then restarts, saving snapshot<k>.npz at each cycle's "
+                        f"end and, with two or more, ensemble.npz (give --patience of a cycle or more) "
+                        f"{_default('schedule')}")
+    parser.add_argument("--cycle", type=int, help=f"epochs per cosine cycle {_default('cycle')}")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, help="tune the threshold on "
+                        "validation predictions averaged with those of the mirrored images, and record it so "
+                        "predict.py does the same (default: off; --recipe best: on)")
+    parser.add_argument("--empty-rule", action=argparse.BooleanOptionalAction, help="also tune a minimum "
+                        "predicted area on validation: a smaller predicted mask becomes empty (default: off; "
+                        "--recipe best: on)")
     parser.add_argument("--flip-mode", choices=FLIP_MODES, help="'double': append every training image's "
                         "mirror (the seed); 'random': mirror each image of every batch with probability 1/2, "
                         f"so an epoch costs half {_default('flip_mode')}")
@@ -134,6 +151,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[dict, bool]:
                         help="skip the PNG plots after training (default: write them)")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     args = vars(parser.parse_args(argv))
+    if args.get("preset") == "seed":
+        args["preset"] = "recipe"  # the seed recipe is TrainConfig's own defaults
     debug = args.pop("debug", False)
     return args, debug
 

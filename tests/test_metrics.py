@@ -12,8 +12,10 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from tinyunet.metrics import (
+    best_postprocessing,
     best_threshold,
     competition_score,
+    drop_small,
     image_scores,
     iou,
     pixel_accuracy,
@@ -280,3 +282,30 @@ def test_sweep_of_800_images_is_fast():
         threshold_sweep(truth, probs)
         times.append(time.perf_counter() - start)
     assert min(times) < 1.0
+
+
+def test_sweep_with_min_areas_equals_dropping_small_masks_then_scoring():
+    """Every cell (area, threshold) of the grid is the plain score of drop_small(probs > t, area)."""
+    rng = np.random.default_rng(5)
+    probs = rng.random((12, 9, 9)) ** 3  # many small predicted masks, some empty
+    truth = rng.random((12, 9, 9)) < 0.2
+    truth[:4] = False  # empty truths, where the rule pays
+    areas = [0, 1, 3, 10, 40]
+    thresholds, grid = threshold_sweep(truth, probs, n_thresholds=11, min_areas=areas)
+    assert grid.shape == (5, 11)
+    for a, area in enumerate(areas):
+        for j, t in enumerate(thresholds):
+            plain = competition_score(truth, drop_small(probs > t, area))
+            assert grid[a, j] == pytest.approx(plain, abs=1e-12), (area, t)
+    np.testing.assert_allclose(grid[0], threshold_sweep(truth, probs, n_thresholds=11)[1])
+    area, t, score = best_postprocessing(thresholds, grid, areas)
+    assert score == grid.max() and grid[areas.index(area), list(thresholds).index(np.float32(t))] == score
+
+
+def test_drop_small_empties_only_masks_below_the_area():
+    masks = np.zeros((3, 4, 4), dtype=bool)
+    masks[1, :2, :2] = True  # 4 pixels
+    masks[2, :, :2] = True  # 8 pixels
+    out = drop_small(masks, 5)
+    assert not out[1].any() and (out[2] == masks[2]).all() and not out[0].any()
+    assert (drop_small(masks, 0) == masks).all()

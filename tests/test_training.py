@@ -16,6 +16,7 @@ import pytest
 from tinyunet import training
 from tinyunet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from tinyunet.data import DataError
+from tinyunet.layers import sigmoid
 from tinyunet.losses import binary_crossentropy, lovasz_hinge
 from tinyunet.synth import generate
 from tinyunet.training import (HISTORY_COLUMNS, QUICK, ConfigError, TrainConfig, TrainingDiverged,
@@ -393,3 +394,58 @@ def test_bad_block_loss_monitor_or_flip_mode(tmp_path, settings, flag):
     message = str(err.value)
     assert message.startswith(f"{flag} ") and "\n" not in message
     assert repr(next(iter(settings.values()))) in message
+
+
+# --- schedules, snapshots and their ensemble; TTA and the empty-mask rule -------------------------
+
+def test_cosine_restarts_save_snapshots_and_their_tuned_ensemble(tiny_data, tmp_path):
+    from tinyunet.callbacks import CosineAnnealing
+    from tinyunet.ensemble import Ensemble
+    from tinyunet.models import load_model
+
+    run = train(tiny(tiny_data, tmp_path / "cos", epochs=4, schedule="cosine", cycle=2, lr=1e-2, min_lr=1e-4,
+                     patience=10, tta=True, empty_rule=True))
+    history = read_history(run)
+    schedule = CosineAnnealing(None, 1e-2, 2, 1e-4)
+    assert [float(row["lr"]) for row in history] == [schedule.lr_at(e) for e in range(4)]
+    assert schedule.lr_at(0) == 1e-2 and schedule.lr_at(1) == pytest.approx((1e-2 + 1e-4) / 2)
+    snapshots = sorted(p.name for p in run.glob("snapshot*.npz"))
+    assert snapshots == ["snapshot01.npz", "snapshot02.npz"]
+    assert load_checkpoint(run / "snapshot01.npz").meta["epoch"] == 2
+    ensemble, ckpt = load_model(run / "ensemble.npz")
+    assert isinstance(ensemble, Ensemble) and len(ensemble.members) == 2
+    assert ckpt.meta["tta"] is True and ckpt.meta["min_area"] in training.MIN_AREAS
+    best = load_checkpoint(run / "best.npz").meta
+    assert best["tta"] is True and isinstance(best["min_area"], int)
+    # the ensemble's probability is the mean of its members'
+    x = np.random.default_rng(0).random((2, 32, 32, 1)).astype(np.float32)
+    members = [load_model(run / name)[0] for name in snapshots]
+    mean = sum(m.predict(x) for m in members) / 2
+    np.testing.assert_allclose(sigmoid(ensemble.forward(x)), mean, rtol=1e-5, atol=1e-6)
+
+
+def test_the_empty_rule_and_tta_are_tuned_on_validation(tiny_data, tmp_path):
+    """best.npz records the minimum area and threshold that score the (TTA) validation probabilities best."""
+    from tinyunet.metrics import competition_score, drop_small
+    from tinyunet.models import load_model
+    from tinyunet.pipeline import probabilities
+
+    run = train(tiny(tiny_data, tmp_path / "rule", epochs=2, tta=True, empty_rule=True))
+    model, ckpt = load_model(run / "best.npz")
+    config = build_config({"data": str(tiny_data), **TINY})
+    prep = training.prepare_data(config, tiny_data, np, np.float32)
+    probs = probabilities(model, prep.val_images, "resize", 32, tta=True)
+    meta = ckpt.meta
+    chosen = competition_score(prep.val_truth, drop_small(probs > np.float32(meta["best_threshold"]),
+                                                          meta["min_area"]))
+    assert chosen == pytest.approx(meta["val_score"])
+    for area in training.MIN_AREAS:  # no other area does better at any threshold of the sweep
+        for t in meta["threshold_sweep"]["thresholds"]:
+            assert competition_score(prep.val_truth, drop_small(probs > np.float32(t), area)) <= chosen + 1e-12
+
+
+def test_recipe_best_names_the_measured_recipe():
+    config = build_config({"preset": "best", "data": "somewhere", "epochs": 3})
+    assert config.block == "residual" and config.loss2 == "lovasz" and config.tta and config.empty_rule
+    assert config.epochs == 3  # flags still override it
+    assert build_config({"data": "somewhere"}) == TrainConfig(data="somewhere")  # the seed recipe, untouched
