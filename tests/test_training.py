@@ -449,3 +449,31 @@ def test_recipe_best_names_the_measured_recipe():
     assert config.block == "residual" and config.loss2 == "lovasz" and config.tta and config.empty_rule
     assert config.epochs == 3  # flags still override it
     assert build_config({"data": "somewhere"}) == TrainConfig(data="somewhere")  # the seed recipe, untouched
+
+
+# The SHA-256 of last.npz's parameters (name, then bytes, in order) after the run below, computed with the
+# code before the block redesign (commit fad8ddf): the redesign must leave the seed recipe's numbers alone.
+SEED_RUN_SHA256 = "accdec9f6823fc9ad7b79abd80d127b14136d6c039080f63030249a9863f03f5"
+
+
+@pytest.mark.skipif(_real_data() is None, reason="real TGS data not found (../shared/data/tgs-salt or "
+                    "$TINYUNET_TGS_DATA)")
+def test_the_seed_recipe_trains_bit_identically_to_before_the_redesign(tmp_path):
+    import hashlib
+
+    run = train(build_config({"data": str(_real_data()), "out": str(tmp_path / "seed"), "limit": 48, "epochs": 2,
+                              "threads": 1, "progress": False, "plots": False}))
+    digest = hashlib.sha256()
+    for name, value in load_checkpoint(run / "last.npz").params.items():
+        digest.update(("param/" + name).encode())
+        digest.update(value.tobytes())
+    assert digest.hexdigest() == SEED_RUN_SHA256
+
+
+def test_a_checkpoint_from_before_the_redesign_predicts_exactly_as_then():
+    """tests/data/seed_v1_tiny.npz and the probabilities it gave were written by the code of fad8ddf."""
+    from tinyunet.models import load_model
+
+    model, _ = load_model(Path(__file__).parent / "data" / "seed_v1_tiny.npz")
+    saved = np.load(Path(__file__).parent / "data" / "seed_v1_tiny_io.npz")
+    np.testing.assert_array_equal(model.predict(saved["x"]), saved["probs"])
