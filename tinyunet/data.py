@@ -486,6 +486,27 @@ def stratified_split(classes, val_fraction: float = 0.2,
     return train_idx, val_idx
 
 
+def stratified_folds(classes, k: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``k`` ``(train_idx, val_idx)`` pairs for k-fold cross-validation, stratified by class.
+
+    Every index is in exactly one validation part. Each class is shuffled (by ``seed``) and dealt
+    round-robin over the folds, the next class continuing where the last stopped, so every fold holds
+    1/k of each class and the fold sizes differ by at most one. Sorted int64 indices.
+    """
+    classes = as_numpy(classes).ravel()
+    n = len(classes)
+    if not 2 <= k <= n:
+        raise ValueError(f"cannot split {n} item(s) into {k} folds: need 2 <= k <= {n}")
+    rng = np.random.default_rng(seed)
+    fold_of = np.empty(n, dtype=np.int64)  # (N,) the fold whose validation part holds each item
+    start = 0
+    for label in np.unique(classes):
+        members = rng.permutation(np.flatnonzero(classes == label))
+        fold_of[members] = (start + np.arange(len(members))) % k
+        start = (start + len(members)) % k
+    return [(np.flatnonzero(fold_of != f), np.flatnonzero(fold_of == f)) for f in range(k)]
+
+
 # --------------------------------------------------------------------------------------------
 # Resizing, padding, flips
 # --------------------------------------------------------------------------------------------

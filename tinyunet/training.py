@@ -59,7 +59,7 @@ from tinyunet.blocks import BLOCKS
 from tinyunet.callbacks import CosineAnnealing, EarlyStopping, ModelCheckpoint, ReduceLROnPlateau
 from tinyunet.checkpoint import CheckpointError, load_checkpoint, remove_stale_temporaries, save_checkpoint, temporary_path
 from tinyunet.data import (DataError, augment_hflip, check_finite, coverage, coverage_class, fingerprint, load_train,
-                           minibatches, stratified_split)
+                           minibatches, stratified_folds, stratified_split)
 from tinyunet.ensemble import save_ensemble
 from tinyunet.layers import sigmoid
 from tinyunet.losses import LOSSES, get_loss, pixel_accuracy
@@ -92,7 +92,9 @@ class TrainConfig:
     loss2_epoch: int = 0  # the first epoch (counting from 1) trained with loss2
     monitor: str = "val_loss"  # what early stopping, the best checkpoint and the LR cut watch: or "val_score"
     lr: float = 1e-3  # Adam's learning rate
-    val_split: float = 0.2  # validation share, stratified by coverage class
+    val_split: float = 0.2  # validation share, stratified by coverage class (unless fold is set)
+    folds: int = 1  # > 1: k-fold cross-validation, one run per fold (tinyunet.folds)
+    fold: int | None = None  # with folds > 1: this run validates on fold `fold` (0 .. folds-1) of the k-fold split
     seed: int = 0  # weights, split, shuffles, dropout: all drawn from it
     out: str | None = None  # run folder; None: runs/<YYYYmmdd-HHMMSS>
     resume: str | None = None  # a run folder (or its last.npz) to continue
@@ -151,7 +153,7 @@ GPU_SYNC_EVERY = 20  # steps between host syncs on a GPU (progress bar, NaN chec
 
 # Settings that decide the model, the split or the geometry: a resumed run must keep them.
 FIXED_ON_RESUME = ("features", "depth", "dropout", "block", "fit", "input_size", "val_split", "seed", "flip",
-                   "flip_mode", "limit")
+                   "flip_mode", "limit", "folds", "fold")
 FLIP_MODES = ("double", "random")
 SCHEDULES = ("plateau", "cosine")
 MONITORS = {"val_loss": "min", "val_score": "max"}  # a monitored value and the direction it improves in
@@ -287,6 +289,10 @@ def validate(config: TrainConfig) -> None:
     need(config.flip_mode in FLIP_MODES, "flip_mode", f"choose one of {', '.join(FLIP_MODES)}")
     need(config.schedule in SCHEDULES, "schedule", f"choose one of {', '.join(SCHEDULES)}")
     need(_is_int(config.cycle) and config.cycle >= 1, "cycle", "it must be a whole number >= 1")
+    need(_is_int(config.folds) and 1 <= config.folds <= 20, "folds", "it must be a whole number from 1 (no "
+         "cross-validation) to 20")
+    need(config.fold is None or (_is_int(config.fold) and 0 <= config.fold < config.folds), "fold",
+         f"it must be a fold number from 0 to {config.folds - 1} (with --folds {config.folds})")
     need(config.threads is None or (_is_int(config.threads) and config.threads >= 1), "threads",
          "it must be a whole number >= 1 (or leave it out to use every core)")
 
@@ -421,7 +427,10 @@ def prepare_data(config: TrainConfig, path: Path, xp, dtype) -> Prepared:
         raise DataError(f"{path} holds {len(ids)} training image(s): training needs at least 2 "
                         "(one for training, one for validation)")
     cov = coverage(masks)
-    train_idx, val_idx = stratified_split(coverage_class(cov), config.val_split, config.seed)
+    if config.fold is None:
+        train_idx, val_idx = stratified_split(coverage_class(cov), config.val_split, config.seed)
+    else:
+        train_idx, val_idx = stratified_folds(coverage_class(cov), config.folds, config.seed)[config.fold]
     x_train, box = to_network(images[train_idx], config.fit, config.input_size, config.depth)  # (N, S, S', 1)
     y_train, _ = to_network(masks[train_idx], config.fit, config.input_size, config.depth)
     if config.flip and config.flip_mode == "double":
@@ -602,7 +611,8 @@ def _describe(config: TrainConfig, run: Path, net: DataParallel, prep: Prepared,
     flips = {"double": f" (x2 with left-right flips = {len(prep.x_train)})",
              "random": " (each mirrored left-right with probability 1/2 in every epoch)"}
     _say(f"split: {len(prep.train_idx)} train" + (flips[config.flip_mode] if config.flip else "")
-         + f", {len(prep.val_idx)} validation, stratified by coverage class (seed {config.seed})")
+         + f", {len(prep.val_idx)} validation, stratified by coverage class (seed {config.seed}"
+         + (f"; fold {config.fold + 1} of {config.folds})" if config.fold is not None else ")"))
     _say(f"model: U-Net features={config.features} depth={config.depth} block={config.block} "
          f"dropout={net.config['dropout']}, "
          f"{net.model.count_params():,} parameters; input {h}x{w} -> {s}x{s2} ({config.fit}); "
