@@ -108,6 +108,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[dict, bool]:
                         "replaces the saved rate")
     parser.add_argument("--val-split", type=float, help=f"validation share, stratified by coverage class, "
                         f"in (0, 1) {_default('val_split')}")
+    parser.add_argument("--folds", type=int, metavar="K", help="k-fold cross-validation instead of one split: "
+                        "one run per fold in --out/fold1 ... foldK, then the out-of-fold predictions tune the "
+                        "threshold and give the CV score, and the K models become --out/ensemble.npz "
+                        f"{_default('folds')}")
     parser.add_argument("--seed", type=int, help=f"seed of the weights, split, shuffles and dropout "
                         f"{_default('seed')}")
     parser.add_argument("--out", help="run folder to write (default: runs/<YYYYmmdd-HHMMSS>); its parent "
@@ -166,7 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     from tinyunet.training import ConfigError, TrainingDiverged, TrainingInterrupted, train
 
     try:
-        train(build_config(given))
+        config = build_config(given)
+        if config.folds > 1 and config.fold is None:
+            from tinyunet.folds import train_folds
+
+            train_folds(config)
+        else:
+            train(config)
     except (ConfigError, DataError, CheckpointError, GPUUnavailableError) as err:
         if debug:
             raise

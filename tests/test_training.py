@@ -477,3 +477,50 @@ def test_a_checkpoint_from_before_the_redesign_predicts_exactly_as_then():
     model, _ = load_model(Path(__file__).parent / "data" / "seed_v1_tiny.npz")
     saved = np.load(Path(__file__).parent / "data" / "seed_v1_tiny_io.npz")
     np.testing.assert_array_equal(model.predict(saved["x"]), saved["probs"])
+
+
+# --- k-fold cross-validation ------------------------------------------------------------------------
+
+def test_stratified_folds_cover_every_image_once_and_keep_the_classes():
+    from tinyunet.data import stratified_folds
+
+    classes = np.random.default_rng(2).integers(0, 11, size=103)
+    folds = stratified_folds(classes, 5, seed=1)
+    vals = np.concatenate([val for _, val in folds])
+    assert sorted(vals.tolist()) == list(range(103))  # every index validated exactly once
+    assert {len(val) for _, val in folds} <= {20, 21}
+    for train_idx, val_idx in folds:
+        assert np.intersect1d(train_idx, val_idx).size == 0 and len(train_idx) + len(val_idx) == 103
+        for label in np.unique(classes):  # each class spread evenly over the folds
+            assert abs((classes[val_idx] == label).sum() - (classes == label).sum() / 5) < 1
+    with pytest.raises(ValueError, match="folds"):
+        stratified_folds(classes[:3], 5)
+
+
+def test_folds_train_one_run_each_and_tune_on_out_of_fold_predictions(tiny_data, tmp_path):
+    import json
+
+    from tinyunet.ensemble import Ensemble
+    from tinyunet.folds import train_folds
+    from tinyunet.metrics import competition_score
+    from tinyunet.models import load_model
+    from tinyunet.pipeline import probabilities
+
+    root = train_folds(tiny(tiny_data, tmp_path / "cv", folds=3, epochs=1))
+    cv = json.loads((root / "cv.json").read_text())
+    ensemble, ckpt = load_model(root / "ensemble.npz")
+    assert isinstance(ensemble, Ensemble) and len(ensemble.members) == 3 and len(cv["fold_scores"]) == 3
+    # the CV score is the score of every image predicted by the one fold model that did not train on it
+    config = build_config({"data": str(tiny_data), **TINY, "folds": 3})
+    oof, truth = [], []
+    for k in range(3):
+        model, _ = load_model(root / f"fold{k + 1}" / "best.npz")
+        prep = training.prepare_data(training.replace(config, fold=k), tiny_data, np, np.float32)
+        oof.append(probabilities(model, prep.val_images, "resize", 32))
+        truth.append(prep.val_truth)
+    score = competition_score(np.concatenate(truth), np.concatenate(oof) > np.float32(ckpt.meta["best_threshold"]))
+    assert score == pytest.approx(cv["cv_score"]) and ckpt.meta["val_score"] == cv["cv_score"]
+    # run again: every fold is finished, nothing is trained twice
+    mtime = (root / "fold1" / "best.npz").stat().st_mtime_ns
+    train_folds(tiny(tiny_data, tmp_path / "cv", folds=3, epochs=1))
+    assert (root / "fold1" / "best.npz").stat().st_mtime_ns == mtime

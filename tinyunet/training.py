@@ -57,7 +57,8 @@ import numpy as np
 from tinyunet.backend import as_array, as_numpy
 from tinyunet.blocks import BLOCKS
 from tinyunet.callbacks import CosineAnnealing, EarlyStopping, ModelCheckpoint, ReduceLROnPlateau
-from tinyunet.checkpoint import CheckpointError, load_checkpoint, remove_stale_temporaries, save_checkpoint, temporary_path
+from tinyunet.checkpoint import (CheckpointError, load_checkpoint, remove_stale_temporaries, save_checkpoint,
+                                 temporary_path)
 from tinyunet.data import (DataError, augment_hflip, check_finite, coverage, coverage_class, fingerprint, load_train,
                            minibatches, stratified_folds, stratified_split)
 from tinyunet.ensemble import save_ensemble
@@ -316,7 +317,8 @@ def open_resume(path: str | os.PathLike):
     return path, load_checkpoint(last)
 
 
-def _new_run_folder() -> Path:
+def new_run_folder() -> Path:
+    """runs/<YYYYmmdd-HHMMSS> (with -2, -3, ... when taken), not yet created."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run = RUNS_DIR / stamp
     n = 2
@@ -328,7 +330,7 @@ def _new_run_folder() -> Path:
 
 def prepare_run_folder(out: str | os.PathLike | None, resuming: bool) -> Path:
     """Create (or check) the run folder and prove it writable; ConfigError when it is not."""
-    run = Path(out) if out is not None else _new_run_folder()
+    run = Path(out) if out is not None else new_run_folder()
     if run.exists() and not run.is_dir():
         raise ConfigError(f"--out {run} is a file, not a folder: choose a folder for the run")
     if not resuming and (run / "last.npz").exists():
@@ -550,7 +552,7 @@ def validate_epoch(model, prep: Prepared, config: TrainConfig, epoch: int) -> tu
 # train()
 # --------------------------------------------------------------------------------------------
 
-def _say(message: str = "") -> None:
+def say(message: str = "") -> None:
     print(message, flush=True)
 
 
@@ -589,7 +591,7 @@ def _setup(config: TrainConfig, run: Path, resume_from):
             optimizer.lr = config.lr
         history = list(resume_from.meta.get("history", []))
 
-    path = resolve_data(config, _say)
+    path = resolve_data(config, say)
     config = replace(config, data=str(Path(path).resolve()))
     prep = prepare_data(config, path, xp, model.dtype)
     if resume_from is not None:
@@ -606,26 +608,26 @@ def _describe(config: TrainConfig, run: Path, net: DataParallel, prep: Prepared,
     """The few lines that say what this run is about to do."""
     h, w = prep.val_truth.shape[1:]
     s, s2 = prep.x_val.shape[1:3]
-    _say(f"run folder: {run}" + (f" (resuming after epoch {resumed_after})" if resumed_after is not None else ""))
-    _say(f"data: {config.data}, {len(prep.ids)} images {h}x{w} (fingerprint {prep.fingerprint})")
+    say(f"run folder: {run}" + (f" (resuming after epoch {resumed_after})" if resumed_after is not None else ""))
+    say(f"data: {config.data}, {len(prep.ids)} images {h}x{w} (fingerprint {prep.fingerprint})")
     flips = {"double": f" (x2 with left-right flips = {len(prep.x_train)})",
              "random": " (each mirrored left-right with probability 1/2 in every epoch)"}
-    _say(f"split: {len(prep.train_idx)} train" + (flips[config.flip_mode] if config.flip else "")
+    say(f"split: {len(prep.train_idx)} train" + (flips[config.flip_mode] if config.flip else "")
          + f", {len(prep.val_idx)} validation, stratified by coverage class (seed {config.seed}"
          + (f"; fold {config.fold + 1} of {config.folds})" if config.fold is not None else ")"))
-    _say(f"model: U-Net features={config.features} depth={config.depth} block={config.block} "
+    say(f"model: U-Net features={config.features} depth={config.depth} block={config.block} "
          f"dropout={net.config['dropout']}, "
          f"{net.model.count_params():,} parameters; input {h}x{w} -> {s}x{s2} ({config.fit}); "
          f"{f'CPU (NumPy), {net.threads} thread(s)' if net.xp is np else 'GPU (CuPy)'}")
     if config.preset == "quick":
         kept = [f"{key}={value}" for key, value in QUICK.items() if getattr(config, key) == value]
         changed = [f"{key}={getattr(config, key)}" for key, value in QUICK.items() if getattr(config, key) != value]
-        _say("settings: QUICK defaults for the built-in synthetic set (" + ", ".join(kept) + ")"
+        say("settings: QUICK defaults for the built-in synthetic set (" + ", ".join(kept) + ")"
              + (f", overridden by flags: {', '.join(changed)}" if changed else "; flags override them")
              + "; with --data the seed recipe's defaults apply")
     lr_note = f" (reduced on plateau from {config.lr:g})" if lr != config.lr else ""  # only on a resume
     losses = config.loss + (f" (epochs 1-{config.loss2_epoch - 1}), then {config.loss2}" if config.loss2 else "")
-    _say(f"training: epochs={config.epochs} batch_size={config.batch_size} lr={lr:g}{lr_note}; loss {losses}; "
+    say(f"training: epochs={config.epochs} batch_size={config.batch_size} lr={lr:g}{lr_note}; loss {losses}; "
          f"early stopping patience {config.patience} on {config.monitor}; lr x{config.lr_factor} after "
          f"{config.lr_patience} epochs without improvement (min {config.min_lr})")
 
@@ -659,7 +661,7 @@ def train(config: TrainConfig) -> Path:
               lr=optimizer.lr)
     stale = remove_stale_temporaries(run)  # what a killed run was writing when it died
     if stale:
-        _say(f"removed {len(stale)} half-written temporary file(s) left by a killed run: "
+        say(f"removed {len(stale)} half-written temporary file(s) left by a killed run: "
              + ", ".join(p.name for p in stale))
 
     def meta(epoch: int) -> dict:
@@ -731,12 +733,12 @@ def train(config: TrainConfig) -> Path:
                 write_history(run / "history.csv", history)
                 notes = (["saved best.npz"] if saved else []) + ([f"saved {snapshot.name}"] if snapshot else []) + \
                         ([f"lr -> {optimizer.lr:.1e}"] if reduced else []) + (["early stop"] if stop else [])
-                _say(f"epoch {epoch + 1:3d}/{config.epochs}  loss {loss:.4f}  acc {acc:.4f}  val_loss {val_loss:.4f}  "
+                say(f"epoch {epoch + 1:3d}/{config.epochs}  loss {loss:.4f}  acc {acc:.4f}  val_loss {val_loss:.4f}  "
                      f"val_acc {val_acc:.4f}  val_score {val_score:.4f}  lr {lr:.1e}  {row['seconds']:.1f}s"
                      + (f"  [{', '.join(notes)}]" if notes else ""))
                 if stop:
                     es = callbacks["early_stopping"]
-                    _say(f"early stopping: {config.monitor} has not improved for {es.wait} epochs "
+                    say(f"early stopping: {config.monitor} has not improved for {es.wait} epochs "
                          f"(best {es.best:.4f} at epoch {es.best_epoch + 1})")
                     break
             summary = finish(net, prep, config, run, history)
@@ -745,9 +747,9 @@ def train(config: TrainConfig) -> Path:
                                   + f" Continue with: python train.py --resume {run}") from None
     best_epoch, val_loss, threshold, score = summary
     minutes, seconds = divmod(time.perf_counter() - wall_start, 60)
-    _say(f"done in {int(minutes)}m{seconds:04.1f}s: best epoch {best_epoch} (val_loss {val_loss:.4f}), "
+    say(f"done in {int(minutes)}m{seconds:04.1f}s: best epoch {best_epoch} (val_loss {val_loss:.4f}), "
          f"best threshold {threshold:.3f}, validation competition score {score:.4f}")
-    _say(f"run folder: {run}  (best.npz for predict.py, history.csv, plots)")
+    say(f"run folder: {run}  (best.npz for predict.py, history.csv, plots)")
     return run
 
 
@@ -766,13 +768,13 @@ def _saved_note(run: Path, last_saved: int, history: list[dict]) -> str:
             + (f", {best} epoch {best_epoch}" if best_epoch is not None else "") + ".")
 
 
-def _tune(prep: Prepared, probs, config: TrainConfig):
+def tune_postprocessing(truth, probs, config: TrainConfig):
     """The threshold (and with ``config.empty_rule`` the minimum area) that score the validation
     probabilities best: ``(min_area, threshold, score, thresholds, scores at that area)``."""
     if not config.empty_rule:
-        thresholds, scores = threshold_sweep(prep.val_truth, probs)
+        thresholds, scores = threshold_sweep(truth, probs)
         return (0, *best_threshold(thresholds, scores), thresholds, scores)
-    thresholds, grid = threshold_sweep(prep.val_truth, probs, min_areas=MIN_AREAS)  # (A, T)
+    thresholds, grid = threshold_sweep(truth, probs, min_areas=MIN_AREAS)  # (A, T)
     min_area, threshold, score = best_postprocessing(thresholds, grid, MIN_AREAS)
     return min_area, threshold, score, thresholds, grid[MIN_AREAS.index(min_area)]
 
@@ -804,16 +806,16 @@ def finish(model, prep: Prepared, config: TrainConfig, run: Path, history: list[
         for member in members[1:]:
             mean += predict_val(member)
         mean /= mean.dtype.type(len(members))
-        min_area, threshold, score, _, _ = _tune(prep, mean, config)
+        min_area, threshold, score, _, _ = tune_postprocessing(prep.val_truth, mean, config)
         shared = {k: v for k, v in members[-1].meta.items() if k not in ("history", "callbacks", "model")}
         save_ensemble(run / "ensemble.npz", members, {**shared, "best_threshold": threshold, "val_score": score,
                                                       "min_area": min_area, "tta": config.tta})
-        _say(f"ensemble of {len(members)} snapshots ({', '.join(p.name for p in snapshots)}): validation score "
+        say(f"ensemble of {len(members)} snapshots ({', '.join(p.name for p in snapshots)}): validation score "
              f"{score:.4f} at threshold {threshold:.3f}, min area {min_area}; saved {run / 'ensemble.npz'}")
 
     best = load_checkpoint(run / "best.npz")
     probs = predict_val(best)
-    min_area, threshold, score, thresholds, scores = _tune(prep, probs, config)
+    min_area, threshold, score, thresholds, scores = tune_postprocessing(prep.val_truth, probs, config)
     meta = dict(best.meta)
     meta.update(best_threshold=threshold, val_score=score, min_area=min_area, tta=config.tta,
                 threshold_sweep={"thresholds": [float(t) for t in thresholds], "scores": [float(s) for s in scores]})

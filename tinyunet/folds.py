@@ -1,0 +1,85 @@
+"""k-fold cross-validation: one training run per fold, scored and tuned on out-of-fold predictions.
+
+    python train.py --data DIR --folds 5 --out runs/cv5
+
+writes ``runs/cv5/fold1`` ... ``fold5``, each an ordinary run folder whose validation part is one
+fold of a k-fold split stratified by coverage class (:func:`tinyunet.data.stratified_folds`), so
+every image is validated on exactly once. Then:
+
+* every fold's best model predicts its own validation images: the *out-of-fold* probabilities of
+  the whole set;
+* the threshold (and, with ``empty_rule``, the minimum area) is tuned on them, and their score at it
+  is the cross-validation score;
+* the k best models become ``ensemble.npz`` (:mod:`tinyunet.ensemble`) with that threshold, which
+  predict.py averages at test time.
+
+Each fold resumes like any run: starting the same command again finishes the folds that were cut
+short (from their last.npz) and skips the finished ones.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from tinyunet.backend import as_numpy
+from tinyunet.checkpoint import load_checkpoint
+from tinyunet.ensemble import save_ensemble
+from tinyunet.models import load_model
+from tinyunet.parallel import DataParallel
+from tinyunet.pipeline import probabilities
+from tinyunet.training import (EVAL_BATCH, TrainConfig, build_config, new_run_folder, prepare_data, resolve_data, say,
+                               train, tune_postprocessing, validate)
+
+
+def _finished(folder: Path) -> bool:
+    """Whether the fold's run got through its threshold sweep (best.npz records its score)."""
+    best = folder / "best.npz"
+    return best.is_file() and load_checkpoint(best).meta.get("val_score") is not None
+
+
+def train_folds(config: TrainConfig) -> Path:
+    """Train ``config.folds`` runs, tune on their out-of-fold predictions, write ensemble.npz; return
+    the folder holding them."""
+    validate(config)
+    root = Path(config.out) if config.out is not None else new_run_folder()
+    root.mkdir(parents=True, exist_ok=True)
+    folders = [root / f"fold{k + 1}" for k in range(config.folds)]
+    for k, folder in enumerate(folders):
+        say(f"=== fold {k + 1} of {config.folds}: {folder}")
+        if _finished(folder):
+            say("finished already")
+        elif (folder / "last.npz").is_file():
+            train(build_config({"resume": str(folder), "epochs": config.epochs}))
+        else:
+            train(replace(config, fold=k, out=str(folder)))
+
+    # The out-of-fold probabilities: every image predicted by the one model that never trained on it.
+    path = resolve_data(config, say)
+    oof, truth, members, scores = None, None, [], []
+    for k, folder in enumerate(folders):
+        model, best = load_model(folder / "best.npz", gpu=config.gpu)
+        net = DataParallel(model, config.threads)
+        prep = prepare_data(replace(config, fold=k), path, model.xp, model.dtype)
+        probs = as_numpy(probabilities(net, prep.val_images, config.fit, config.input_size, batch_size=EVAL_BATCH,
+                                       tta=config.tta))  # (M, H, W)
+        if oof is None:
+            oof = np.empty((len(prep.ids),) + probs.shape[1:], dtype=probs.dtype)
+            truth = np.empty(oof.shape, dtype=bool)
+        oof[prep.val_idx], truth[prep.val_idx] = probs, as_numpy(prep.val_truth)
+        members.append(best)
+        scores.append(float(best.meta["val_score"]))
+    min_area, threshold, score, _, _ = tune_postprocessing(truth, oof, config)
+    shared = {key: value for key, value in members[0].meta.items() if key not in ("history", "callbacks", "model")}
+    cv = {"folds": config.folds, "fold_scores": scores, "cv_score": score}
+    save_ensemble(root / "ensemble.npz", members, {**shared, "best_threshold": threshold, "val_score": score,
+                                                   "min_area": min_area, "tta": config.tta, "cv": cv})
+    (root / "cv.json").write_text(json.dumps({**cv, "best_threshold": threshold, "min_area": min_area}, indent=2))
+    say(f"cross-validation over {config.folds} folds: out-of-fold competition score {score:.4f} at threshold "
+         f"{threshold:.3f}, min area {min_area} (each fold's own tuned score: "
+         + ", ".join(f"{s:.4f}" for s in scores) + f"); the {config.folds} models are {root / 'ensemble.npz'}")
+    return root
+
