@@ -38,3 +38,35 @@ def poison_loss(monkeypatch, at_call: int, factor: float) -> dict:
 
     monkeypatch.setitem(losses.LOSSES, "bce", poisoned)
     return calls
+
+
+def check_whole_network(model, x, y, sample: int | None = None, tol: float = 1e-6) -> list[str]:
+    """Gradient-check BCE -> logits -> the input and every parameter of ``model`` (float64), with the
+    dropout masks drawn once and frozen; returns the names checked. ``sample``: check each array at
+    that many random entries only (a big network), instead of every entry."""
+    import numpy as np
+
+    from tinyunet.backend import as_numpy
+    from tinyunet.gradcheck import assert_gradients_close, numerical_gradient
+
+    model.forward(x, train=True)  # draw the dropout masks once ...
+    for layer in model.dropouts:
+        layer.frozen = True  # ... and keep them for every evaluation below
+    assert any(float((layer.mask == 0).mean()) > 0 for layer in model.dropouts)
+
+    def loss() -> float:
+        return float(losses.binary_crossentropy(model.forward(x, train=True), y)[0])
+
+    _, dlogits = losses.binary_crossentropy(model.forward(x, train=True), y)
+    dx = model.backward(dlogits)
+    analytic = {"input": dx} | {name: g.copy() for name, g in model.grads.items()}
+    targets = {"input": x} | model.params
+    rng = np.random.default_rng(0)
+    for name, array in targets.items():
+        if sample is None:
+            assert_gradients_close(name, analytic[name], numerical_gradient(loss, array), tol=tol)
+        else:
+            entries = rng.choice(array.size, min(array.size, sample), replace=False)
+            assert_gradients_close(name, as_numpy(analytic[name]).reshape(-1)[entries],
+                                   numerical_gradient(loss, array, entries=entries), tol=tol)
+    return list(targets)

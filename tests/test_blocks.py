@@ -14,6 +14,8 @@ from tinyunet.losses import binary_crossentropy
 from tinyunet.parallel import DataParallel
 from tinyunet.unet import UNet
 
+from helpers import check_whole_network
+
 
 def random_bn(channels: int, rng, dtype=np.float64, xp=np) -> BatchNormalization:
     """A BatchNormalization whose gamma, beta and moving statistics are random (none trivially 1 or 0)."""
@@ -319,22 +321,6 @@ def test_residual_summary_shapes_match_the_activations(rng):
     assert "enc1.add (Add)" in model.summary((8, 12)) and "bridge.bn2 (BatchNormalization)" in model.summary(8)
 
 
-def numerical_gradient_at(f, x, entries, eps: float = 1e-6) -> np.ndarray:
-    """dF/dx at the flat indices ``entries`` only, by the same central differences as
-    :func:`tinyunet.gradcheck.numerical_gradient` (which perturbs every entry)."""
-    flat = x.reshape(-1)  # a view: writing it changes x
-    grad = np.zeros(len(entries))
-    for k, i in enumerate(entries):
-        orig = flat[i].item()
-        flat[i] = orig + eps
-        plus = f()
-        flat[i] = orig - eps
-        minus = f()
-        flat[i] = orig
-        grad[k] = (plus - minus) / (2 * eps)
-    return grad
-
-
 @pytest.mark.parametrize("block", ["double_bn", "residual"])
 def test_whole_network_gradient_check_with_batchnorm(block):
     """loss -> logits -> input and every parameter, float64, dropout with frozen masks, BN in training mode.
@@ -347,23 +333,8 @@ def test_whole_network_gradient_check_with_batchnorm(block):
     x = rng.standard_normal((2, 8, 8, 1))
     y = (rng.random((2, 8, 8, 1)) > 0.6).astype(np.float64)
 
-    model.forward(x, train=True)  # draw the dropout masks once ...
-    for layer in model.dropouts:
-        layer.frozen = True  # ... and keep them for every evaluation below
-    assert any(float((layer.mask == 0).mean()) > 0 for layer in model.dropouts)
-
-    def loss() -> float:
-        return float(binary_crossentropy(model.forward(x, train=True), y)[0])
-
-    _, dlogits = binary_crossentropy(model.forward(x, train=True), y)
-    dx = model.backward(dlogits)
-    analytic = {"input": dx} | {name: g.copy() for name, g in model.grads.items()}
-    targets = {"input": x} | model.params
-    assert any(name.endswith(".gamma") for name in targets) and len(model.buffers) > 0
-    for name, array in targets.items():
-        entries = rng.choice(array.size, min(array.size, 24), replace=False)
-        assert_gradients_close(name, analytic[name].reshape(-1)[entries], numerical_gradient_at(loss, array, entries),
-                               tol=1e-6)
+    names = check_whole_network(model, x, y, sample=24)
+    assert any(name.endswith(".gamma") for name in names) and len(model.buffers) > 0
 
 
 def test_load_params_with_buffers(rng):

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from tinyunet.backend import as_array, as_numpy
-from tinyunet.gradcheck import assert_gradients_close, numerical_gradient
 from tinyunet.losses import binary_crossentropy
 from tinyunet.optim import Adam
 from tinyunet.unet import UNet
+
+from helpers import check_whole_network
 
 
 def test_seed_architecture_has_485673_parameters():
@@ -91,21 +92,7 @@ def test_whole_network_gradient_check(xp):
     x = as_array(rng.standard_normal((2, 16, 16, 1)), xp)
     y = as_array((rng.random((2, 16, 16, 1)) > 0.6).astype(np.float64), xp)
 
-    model.forward(x, train=True)  # draw the dropout masks once ...
-    for layer in model.dropouts:
-        layer.frozen = True  # ... and keep them for every evaluation below
-    assert any(float((layer.mask == 0).mean()) > 0 for layer in model.dropouts)
-
-    def loss() -> float:
-        return float(binary_crossentropy(model.forward(x, train=True), y)[0])
-
-    _, dlogits = binary_crossentropy(model.forward(x, train=True), y)
-    dx = model.backward(dlogits)
-    analytic = {"input": dx} | {name: g.copy() for name, g in model.grads.items()}
-    targets = {"input": x} | model.params
-    assert len(targets) == 1 + 26  # input + 13 layers with W and b
-    for name, array in targets.items():
-        assert_gradients_close(name, analytic[name], numerical_gradient(loss, array), tol=1e-6)
+    assert len(check_whole_network(model, x, y)) == 1 + 26  # input + 13 layers with W and b
 
 
 def test_overfits_a_handful_of_images(xp):

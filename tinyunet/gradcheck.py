@@ -19,21 +19,27 @@ import numpy as np
 from tinyunet.backend import as_array, as_numpy, get_array_module
 
 
-def numerical_gradient(f: Callable[[], float], x, eps: float = 1e-6) -> np.ndarray:
-    """dF/dx by central differences, perturbing ``x`` in place (restored afterwards)."""
+def numerical_gradient(f: Callable[[], float], x, eps: float = 1e-6, entries=None) -> np.ndarray:
+    """dF/dx by central differences, perturbing ``x`` in place (restored afterwards).
+
+    With ``entries`` (flat indices into ``x``) only those are perturbed, and the result is their
+    gradients as a 1-D array: a spot check for arrays too large to perturb whole.
+    """
     if not x.flags.c_contiguous:
         raise ValueError("numerical_gradient perturbs x through a flat view: x must be C-contiguous")
-    grad = np.zeros(x.shape, dtype=np.float64)
     flat = x.reshape(-1)  # a view: writing it changes x
-    for i in range(flat.size):
+    whole = entries is None
+    entries = range(flat.size) if whole else entries
+    grad = np.zeros(len(entries), dtype=np.float64)
+    for k, i in enumerate(entries):
         orig = flat[i].item()
         flat[i] = orig + eps
         plus = f()
         flat[i] = orig - eps
         minus = f()
         flat[i] = orig
-        grad.reshape(-1)[i] = (plus - minus) / (2 * eps)
-    return grad
+        grad[k] = (plus - minus) / (2 * eps)
+    return grad.reshape(x.shape) if whole else grad
 
 
 def relative_error(analytic, numeric) -> float:
