@@ -67,20 +67,6 @@ def md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
-def resolve_model(arg: str | None) -> Path:
-    if arg:
-        return Path(arg)
-    latest = ROOT / "runs" / "latest"
-    if not latest.is_file():
-        raise SystemExit("error: no --model given and no runs/latest; train a model first "
-                         "(python train.py --data ...) or pass --model RUN/best.npz")
-    best = ROOT / "runs" / latest.read_text().strip() / "best.npz"
-    if not best.is_file():
-        raise SystemExit(f"error: runs/latest names {best.parent.name}, which has no best.npz yet; "
-                         "pass --model RUN/best.npz")
-    return best
-
-
 # --------------------------------------------------------------------------------------------
 # The pictures of the path itself
 # --------------------------------------------------------------------------------------------
@@ -145,10 +131,14 @@ def generate(args) -> str:
     from tinyunet.metrics import image_scores, iou
     from tinyunet.pipeline import binarize, from_network, probabilities, to_network
     from tinyunet.rle import rle_encode
+    from tinyunet.runs import RunError, latest_model
     from tinyunet.training import config_from_args, prepare_data
     from tinyunet.unet import UNet
 
-    model_path = resolve_model(args.model)
+    try:
+        model_path = Path(args.model) if args.model else latest_model(ROOT / "runs")
+    except RunError as err:
+        raise SystemExit(f"error: {err}") from None
     model, ckpt = load_model(model_path)
     meta = ckpt.meta
     fit, size = meta.get("fit", "resize"), meta.get("input_size", 128)

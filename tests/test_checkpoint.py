@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 
 from tinyunet import checkpoint as ckpt
-from tinyunet.checkpoint import (Checkpoint, CheckpointError, check_compatible, load_checkpoint,
-                                 remove_stale_temporaries, save_checkpoint)
+from tinyunet.checkpoint import Checkpoint, CheckpointError, check_compatible, load_checkpoint, save_checkpoint
 from tinyunet.models import load_model
 from tinyunet.unet import UNet
 
@@ -205,20 +204,6 @@ def test_process_killed_mid_write_leaves_the_old_checkpoint(saved):
     assert list(load_checkpoint(path).params) == list(params)
     leftovers = [p.name for p in path.parent.iterdir() if p != path]
     assert len(leftovers) == 1 and leftovers[0].startswith(".best.npz.") and leftovers[0].endswith(".tmp")
-
-
-def test_stale_temporaries_of_dead_writers_are_removed_and_nothing_else(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True)
-    dead_pid = int(dead.stdout)  # that process has exited
-    stale = tmp_path / f".best.npz.{dead_pid}.0a1b2c3d.tmp"
-    live = ckpt.temporary_path(tmp_path / "last.npz")  # this process: a writer still at work
-    others = [tmp_path / ".hidden", tmp_path / f"best.npz.{dead_pid}.0a1b2c3d.tmp", tmp_path / "last.npz"]
-    for path in [stale, live, *others]:
-        path.write_bytes(b"x")
-    assert remove_stale_temporaries(tmp_path) == [stale]
-    assert not stale.exists() and live.exists() and all(p.exists() for p in others)
-    assert remove_stale_temporaries(tmp_path) == []
 
 
 def test_folder_that_cannot_be_written(tmp_path):

@@ -21,18 +21,17 @@ from conftest import REAL_GPU, _CUPY_SKIP
 from tinyunet import training
 from tinyunet.backend import as_array, as_numpy
 from tinyunet.checkpoint import load_checkpoint
+from tinyunet.cli import predict_main
 from tinyunet.layers import Dropout
 from tinyunet.losses import binary_crossentropy
 from tinyunet.optim import Adam
 from tinyunet.parallel import DataParallel
+from tinyunet.prediction import predict
 from tinyunet.synth import generate
 from tinyunet.training import build_config, train
 from tinyunet.unet import UNet
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # predict.py is a script at the repository root, not in the package
-
-import predict as predict_cli  # noqa: E402
 
 TINY = {"features": 2, "depth": 2, "input_size": 32, "progress": False, "plots": False}
 
@@ -82,15 +81,15 @@ def test_train_resume_predict_and_evaluate_on_the_gpu(gpu, tiny_data, tmp_path, 
                                    atol=0 if exact else 1e-4, err_msg=name)
 
     common = {"model": on_gpu / "best.npz", "data": tiny_data, "progress": False, "log": lambda line: None}
-    by_gpu = predict_cli.predict(out=tmp_path / "gpu.csv", gpu=True, **common)
-    by_cpu = predict_cli.predict(out=tmp_path / "cpu.csv", threads=1, **common)
+    by_gpu = predict(out=tmp_path / "gpu.csv", gpu=True, **common)
+    by_cpu = predict(out=tmp_path / "cpu.csv", threads=1, **common)
     assert isinstance(by_gpu.probs, np.ndarray) and by_gpu.probs.shape == (4, 101, 101)
     np.testing.assert_allclose(by_gpu.probs, by_cpu.probs, rtol=0, atol=0 if exact else 1e-5)
     if exact:
         assert (tmp_path / "gpu.csv").read_text() == (tmp_path / "cpu.csv").read_text()
 
     capsys.readouterr()
-    code = predict_cli.main(["--model", str(on_gpu / "best.npz"), "--data", str(tiny_data), "--gpu",
+    code = predict_main(["--model", str(on_gpu / "best.npz"), "--data", str(tiny_data), "--gpu",
                              "--evaluate", "--out", str(tmp_path / "eval" / "submission.csv")])
     printed = capsys.readouterr().out
     assert code == 0 and "GPU (CuPy)" in printed and "competition score" in printed

@@ -20,16 +20,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # predict.py is a script at the repository root, not in the package
+from tinyunet import prediction
+from tinyunet.checkpoint import CheckpointError, save_checkpoint
+from tinyunet.cli import predict_main, predict_parser
+from tinyunet.data import DataError, fingerprint, load_train
+from tinyunet.evaluation import Report, evaluate
+from tinyunet.prediction import PredictError, choose_threshold, predict, write_submission
+from tinyunet.rle import rle_decode, rle_encode
+from tinyunet.unet import UNet
 
-import predict as predict_cli  # noqa: E402
-from predict import PredictError, choose_threshold, latest_model, predict, write_submission  # noqa: E402
-from tinyunet.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
-from tinyunet.data import DataError, fingerprint, load_train  # noqa: E402
-from tinyunet.evaluation import Report, evaluate  # noqa: E402
-from tinyunet.rle import rle_decode, rle_encode  # noqa: E402
-from tinyunet.unet import UNet  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = ROOT / "predict.py"
 K = 10.0  # slope of the identity model's logit: p = sigmoid(K * (x - 0.5))
@@ -301,23 +301,11 @@ def test_failed_write_keeps_the_old_submission(tmp_path, monkeypatch):
             raise RuntimeError("disk on fire")
         return rle_encode(mask)
 
-    monkeypatch.setattr(predict_cli, "rle_encode", failing)
+    monkeypatch.setattr(prediction, "rle_encode", failing)
     with pytest.raises(RuntimeError):
         write_submission(out, [f"i{k}" for k in range(5)], np.zeros((5, 4, 4), bool))
     assert out.read_text() == "id,rle_mask\nold,1 2\n"
     assert os.listdir(tmp_path) == ["submission.csv"]  # no temporary file left behind
-
-
-def test_latest_model(tmp_path):
-    runs = tmp_path / "runs"
-    with pytest.raises(PredictError, match="no trained model found: run python train.py first"):
-        latest_model(runs)
-    runs.mkdir()
-    (runs / "latest").write_text("2024-01-01_run\n")
-    with pytest.raises(PredictError, match="has no best.npz"):
-        latest_model(runs)
-    save_model(runs / "2024-01-01_run" / "best.npz", None)
-    assert latest_model(runs) == runs / "2024-01-01_run" / "best.npz"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -379,7 +367,7 @@ def test_predict_evaluate(tmp_path, capsys):
     data = make_data(tmp_path / "data", train=train)  # no test part: --evaluate does not need one
     model = save_model(tmp_path / "m.npz", data, best_threshold=0.5)
     out = tmp_path / "eval" / "submission.csv"
-    code = predict_cli.main(["--model", str(model), "--out", str(out), "--evaluate"])
+    code = predict_main(["--model", str(model), "--out", str(out), "--evaluate"])
     printed = capsys.readouterr().out
     assert code == 0
     assert "competition score" in printed and "mean IoU" in printed and "pixel accuracy" in printed
@@ -527,7 +515,7 @@ def test_cli_debug_shows_the_traceback(cli_setup):
 
 
 def test_cli_help_documents_every_flag():
-    parser = predict_cli.build_parser()
+    parser = predict_parser()
     for action in parser._actions:
         if action.dest != "help":
             assert action.help, action.dest

@@ -36,6 +36,7 @@ from PIL import Image
 
 from tinyunet import training
 from tinyunet.checkpoint import load_checkpoint
+from tinyunet.cli import predict_main
 from tinyunet.data import TrainSet, load_train
 from tinyunet.metrics import competition_score, image_scores, iou
 from tinyunet.rle import rle_decode, rle_encode
@@ -60,7 +61,6 @@ def _load_script(name: str):
 
 
 train_cli = _load_script("train")
-predict_cli = _load_script("predict")
 
 
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
@@ -285,7 +285,7 @@ def _train_then_predict(data: Path, tmp_path: Path, fit: str, shape: tuple[int, 
                                   capture_output=True, text=True, timeout=300, env=env)
             assert done.returncode == 0 and "Traceback" not in done.stderr, (script, done.stderr)
     else:
-        for main, argv in ((train_cli.main, train_argv), (predict_cli.main, predict_argv)):
+        for main, argv in ((train_cli.main, train_argv), (predict_main, predict_argv)):
             code = exit_code(main, argv)
             assert code == 0, capsys.readouterr().err
     meta = load_checkpoint(run / "best.npz").meta
@@ -421,7 +421,7 @@ def test_predict_with_a_model_of_another_depth_than_it_records(finished, capsys)
     (finished / "submission.csv").write_text("id,rle_mask\nold,1 1\n")
     before = snapshot(finished)
     capsys.readouterr()
-    assert exit_code(predict_cli.main, ["--model", other]) == 2
+    assert exit_code(predict_main, ["--model", other]) == 2
     assert_one_line_error(capsys.readouterr().err, "features=2, depth=2", "other.npz")
     assert snapshot(finished) == before
 

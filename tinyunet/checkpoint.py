@@ -15,10 +15,8 @@ Layout of the file (an ordinary, uncompressed ``np.savez`` archive):
 The metadata is written by Python's ``json``, which spells non-finite floats ``Infinity`` and
 ``NaN`` (a history with a diverged loss, a callback's initial best) and reads them back.
 
-Writing goes to a temporary file in the same folder (``.<name>.<pid>.<random>.tmp``), is flushed and
-fsynced, then renamed onto the target with ``os.replace``: a process killed at any moment leaves
-either the old file or the new one, never a mix (a SIGKILL can leave the hidden temporary file
-behind; any other failure removes it). Reading always uses ``np.load(..., allow_pickle=False)``, after
+Writing is atomic (:func:`tinyunet.files.atomic_write`): a process killed at any moment leaves either
+the old file or the new one, never a mix. Reading always uses ``np.load(..., allow_pickle=False)``, after
 checking that the file starts like a zip archive: a file from elsewhere is data, never code. Every
 failure is a :class:`CheckpointError` whose message is one line saying what is wrong and what to do.
 """
@@ -27,8 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import secrets
 import zipfile
 import zlib
 from collections.abc import Mapping
@@ -39,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from tinyunet.backend import as_numpy
+from tinyunet.files import atomic_write, remove_stale_temporaries, temporary_path  # noqa: F401 (training's, until its split)
 
 FORMAT = "tinyunet-checkpoint"
 FORMAT_VERSION = 1
@@ -115,20 +112,6 @@ def _collect(
     return arrays
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename in ``directory`` durable, where the platform allows opening a folder."""
-    try:
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:  # Windows cannot open a folder; its rename is durable enough without
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems refuse fsync on a folder; the file itself is already synced
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(
     path: str | os.PathLike,
     params: Mapping[str, Any],
@@ -147,72 +130,13 @@ def save_checkpoint(
     if path.is_dir():
         raise CheckpointError(f"cannot write checkpoint {path}: it is a folder; give a file name such as best.npz")
     arrays = _collect(params, meta, optimizer_state, buffers or {})
-    directory = path.parent
-    tmp = temporary_path(path)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except OSError as err:
-        raise CheckpointError(
-            f"cannot write checkpoint {path}: folder {directory} is not a writable folder ({err.strerror}); "
-            "choose another output folder"
-        ) from None
-    done = False
-    try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(path) as f:
             np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        done = True
     except OSError as err:
-        raise CheckpointError(
-            f"cannot write checkpoint {path}: {err.strerror or err}; check free space and permissions there"
-        ) from None
-    finally:
-        if not done:  # also on KeyboardInterrupt: never leave a temporary file behind
-            tmp.unlink(missing_ok=True)
-    _fsync_directory(directory)
+        raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}; check that {path.parent} "
+                              "is a writable folder with free space, or choose another output folder") from None
     return path
-
-
-def temporary_path(path: Path) -> Path:
-    """The hidden file an atomic write of ``path`` goes through: ``.<name>.<pid>.<hex>.tmp`` beside it.
-
-    Every atomic writer in tinyunet uses it (checkpoints, the run's text files, the submission), so
-    :func:`remove_stale_temporaries` can tell a killed writer's file (its pid is gone) from a live one's.
-    """
-    return path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-
-
-_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")  # what temporary_path makes
-
-
-def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
-    """Delete the hidden temporary files that a killed writer left in ``directory``; return them.
-
-    An atomic write (:func:`save_checkpoint`, and the run's text files) goes through
-    ``.<name>.<pid>.<hex>.tmp``; only SIGKILL or a power cut leaves one behind. A temporary is
-    stale when the process named in it is no longer alive; a live writer's file is left alone.
-    """
-    removed = []
-    for path in Path(directory).glob(".*.tmp"):
-        match = _TEMPORARY.match(path.name)
-        if match is None or _alive(int(match["pid"])):
-            continue
-        path.unlink(missing_ok=True)
-        removed.append(path)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    """Whether a process with this id exists (signal 0 checks without sending anything)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, owned by someone else
-        return True
-    return True
 
 
 def _needs_pickle(npz: np.lib.npyio.NpzFile, key: str) -> bool:

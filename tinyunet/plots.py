@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from tinyunet.backend import as_numpy
+from tinyunet.files import atomic_write
 
 N_CLASSES = 11  # coverage classes 0 (empty) .. 10 (more than 90 % salt)
 CLASS_LABELS = ["0\nempty"] + [f"{c}\n≤{10 * c}%" for c in range(1, N_CLASSES)]  # ticks of class axes
@@ -44,12 +44,8 @@ def _save(fig, out_png: str | os.PathLike) -> Path:
     """Write ``fig`` to ``out_png`` atomically (temporary file + rename); return the path."""
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.parent / f".{out_png.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, out_png)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(out_png) as f:
+        fig.savefig(f, format="png")
     return out_png
 
 
