@@ -1,6 +1,7 @@
 """Inference throughput: images/s predicting 101x101 test images, beside PyTorch's eval mode.
 
     python -m benchmarks.bench_inference [--images 256] [--batch-size 32] [--repeats 5] [--gpu] [--threads N]
+                                         [--features 8] [--block double|double_bn|residual]
 
 tinyunet runs the whole prediction path of predict.py (resize 101 -> 128, forward without dropout,
 sigmoid, resize back to 101); PyTorch runs the same network in eval mode under no_grad with the same
@@ -13,7 +14,7 @@ import argparse
 
 import numpy as np
 
-from benchmarks.common import add_threads_flag, machine, median_ms, torch_or_none, torch_unet
+from benchmarks.common import add_network_flags, add_threads_flag, machine, median_ms, torch_or_none, torch_unet
 from tinyunet.parallel import DataParallel
 from tinyunet.pipeline import probabilities
 from tinyunet.unet import UNet
@@ -26,13 +27,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs; the median is shown")
     parser.add_argument("--gpu", action="store_true", help="run on CuPy and PyTorch CUDA")
     add_threads_flag(parser, "predict.py")
+    add_network_flags(parser)
     args = parser.parse_args()
 
     images = np.random.default_rng(0).random((args.images, 101, 101), dtype=np.float32)
     print(f"machine: {machine()}")
-    print(f"{args.images} images 101x101 -> 128 -> 101, batch {args.batch_size}, float32, "
+    print(f"U-Net features={args.features} block={args.block}: {args.images} images 101x101 -> 128 -> 101, "
+          f"batch {args.batch_size}, float32, "
           f"median of {args.repeats} runs")
-    net = DataParallel(UNet(gpu=args.gpu), args.threads)
+    net = DataParallel(UNet(features=args.features, block=args.block, gpu=args.gpu), args.threads)
     sync = net.xp.cuda.Device().synchronize if args.gpu else (lambda: None)
     ms, _ = median_ms(lambda: probabilities(net, images, "resize", 128, args.batch_size),
                       args.repeats, warmup=1, sync=sync)
@@ -43,7 +46,7 @@ def main() -> None:
         print("PyTorch not importable: no comparison")
         return
     device = "cuda" if args.gpu else "cpu"
-    net = torch_unet(torch).to(device).eval()
+    net = torch_unet(torch, args.features, block=args.block).to(device).eval()
     x = torch.from_numpy(images[:, None]).to(device)
     interpolate = torch.nn.functional.interpolate
 

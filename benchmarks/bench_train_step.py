@@ -1,6 +1,7 @@
-"""Time one training step (forward + BCE + backward + Adam) of the seed U-Net, beside PyTorch's.
+"""Time one training step (forward + BCE + backward + Adam) of a U-Net, beside the same one in PyTorch.
 
     python -m benchmarks.bench_train_step [--batch-size 8] [--size 128] [--repeats 10] [--gpu] [--threads N]
+                                          [--features 8] [--block double|double_bn|residual]
 
 Prints ms/step, images/s and GFLOP/s (FLOPs of every conv and up-conv, counted from the layers;
 backward counted as twice the forward), then PyTorch's eager step on the same device in NCHW and
@@ -13,7 +14,7 @@ import argparse
 
 import numpy as np
 
-from benchmarks.common import add_threads_flag, machine, median_ms, torch_or_none, torch_unet
+from benchmarks.common import add_network_flags, add_threads_flag, machine, median_ms, torch_or_none, torch_unet
 from tinyunet.backend import as_array
 from tinyunet.losses import binary_crossentropy
 from tinyunet.optim import Adam
@@ -21,10 +22,10 @@ from tinyunet.parallel import DataParallel
 from tinyunet.unet import UNet
 
 
-def tinyunet_step(batch_size: int, size: int, repeats: int, gpu: bool,
-                  threads: int | None = None) -> tuple[float, float]:
+def tinyunet_step(batch_size: int, size: int, repeats: int, gpu: bool, threads: int | None = None,
+                  features: int = 8, block: str = "double") -> tuple[float, float]:
     """Median ms per step and FLOPs per step of tinyunet, the batch shared by ``threads`` threads."""
-    model = UNet(features=8, depth=4, gpu=gpu)
+    model = UNet(features=features, depth=4, block=block, gpu=gpu)
     net = DataParallel(model, threads)
     xp = model.xp
     rng = np.random.default_rng(0)
@@ -43,8 +44,8 @@ def tinyunet_step(batch_size: int, size: int, repeats: int, gpu: bool,
 
 
 def torch_step(torch, batch_size: int, size: int, repeats: int, channels_last: bool,
-               device: str) -> float:
-    net = torch_unet(torch).to(device)
+               device: str, features: int = 8, block: str = "double") -> float:
+    net = torch_unet(torch, features, block=block).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3, eps=1e-7)
     x = torch.rand(batch_size, 1, size, size, device=device)
     y = (torch.rand(batch_size, 1, size, size, device=device) > 0.5).float()
@@ -69,12 +70,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed steps; the median is shown")
     parser.add_argument("--gpu", action="store_true", help="run on CuPy and PyTorch CUDA")
     add_threads_flag(parser, "training")
+    add_network_flags(parser)
     args = parser.parse_args()
 
     print(f"machine: {machine()}")
-    print(f"U-Net features=8 depth=4, batch {args.batch_size}, {args.size}x{args.size}, float32, "
+    print(f"U-Net features={args.features} depth=4 block={args.block}, batch {args.batch_size}, {args.size}x{args.size}, float32, "
           f"median of {args.repeats} steps")
-    ms, flops = tinyunet_step(args.batch_size, args.size, args.repeats, args.gpu, args.threads)
+    ms, flops = tinyunet_step(args.batch_size, args.size, args.repeats, args.gpu, args.threads, args.features,
+                              args.block)
     per_image = flops / args.batch_size / 1e9
     print(f"tinyunet  : {ms:8.1f} ms/step  {args.batch_size / ms * 1e3:7.1f} images/s  "
           f"{flops / ms / 1e6:6.1f} GFLOP/s  ({per_image:.2f} GFLOP per image per step, "
@@ -88,7 +91,7 @@ def main() -> None:
     for channels_last in (False, True):
         name = "PyTorch channels-last" if channels_last else "PyTorch NCHW"
         results[name] = torch_step(torch, args.batch_size, args.size, args.repeats, channels_last,
-                                   device)
+                                   device, args.features, args.block)
         print(f"{name:22s}: {results[name]:8.1f} ms/step  "
               f"{args.batch_size / results[name] * 1e3:7.1f} images/s  (torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads)")

@@ -52,11 +52,30 @@ def torch_or_none():
     return torch
 
 
-def torch_unet(torch, features: int = 8, depth: int = 4, dropout=(0.25, 0.3, 0.4, 0.5)):
-    """The same network in PyTorch (NCHW), layer for layer."""
+def torch_unet(torch, features: int = 8, depth: int = 4, dropout=(0.25, 0.3, 0.4, 0.5), block: str = "double"):
+    """The same network in PyTorch (NCHW), layer for layer, for each kind of tinyunet.blocks conv unit
+    (BatchNorm as Keras's: momentum 0.99 is PyTorch's 0.01, epsilon 1e-3; no conv bias before a BN)."""
     nn = torch.nn
 
-    def double(c_in, c_out):
+    def bn(c):
+        return nn.BatchNorm2d(c, eps=1e-3, momentum=0.01)
+
+    class Residual(nn.Module):
+        def __init__(self, c_in, c_out):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), bn(c_out), nn.ReLU(),
+                                      nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), bn(c_out))
+            self.shortcut = nn.Conv2d(c_in, c_out, 1, bias=False) if c_in != c_out else nn.Identity()
+
+        def forward(self, x):
+            return nn.functional.relu(self.body(x) + self.shortcut(x))
+
+    def unit(c_in, c_out):
+        if block == "residual":
+            return Residual(c_in, c_out)
+        if block == "double_bn":
+            return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), bn(c_out), nn.ReLU(),
+                                 nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), bn(c_out), nn.ReLU())
         return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(),
                              nn.Conv2d(c_out, c_out, 3, padding=1), nn.ReLU())
 
@@ -64,13 +83,13 @@ def torch_unet(torch, features: int = 8, depth: int = 4, dropout=(0.25, 0.3, 0.4
         def __init__(self):
             super().__init__()
             widths = [features * 2 ** i for i in range(depth + 1)]
-            self.enc = nn.ModuleList(double(a, b) for a, b in zip([1] + widths[:-2], widths))
+            self.enc = nn.ModuleList(unit(a, b) for a, b in zip([1] + widths[:-2], widths))
             self.drop_enc = nn.ModuleList(nn.Dropout(r) for r in dropout)
-            self.bridge = double(widths[-2], widths[-1])
+            self.bridge = unit(widths[-2], widths[-1])
             self.up = nn.ModuleList(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2)
                                     for i in reversed(range(depth)))
             self.drop_dec = nn.ModuleList(nn.Dropout(dropout[i]) for i in reversed(range(depth)))
-            self.dec = nn.ModuleList(double(2 * widths[i], widths[i]) for i in reversed(range(depth)))
+            self.dec = nn.ModuleList(unit(2 * widths[i], widths[i]) for i in reversed(range(depth)))
             self.head = nn.Conv2d(features, 1, 1)
 
         def forward(self, x):
@@ -85,3 +104,12 @@ def torch_unet(torch, features: int = 8, depth: int = 4, dropout=(0.25, 0.3, 0.4
             return self.head(x)
 
     return Net()
+
+
+def add_network_flags(parser) -> None:
+    """``--features`` and ``--block``: which U-Net both sides build (default: the seed's)."""
+    from tinyunet.blocks import BLOCKS
+
+    parser.add_argument("--features", type=int, default=8, help="filters at the top level (default 8)")
+    parser.add_argument("--block", choices=BLOCKS, default="double",
+                        help="each level's conv unit (default: double, the seed's; --recipe best: residual)")

@@ -149,7 +149,7 @@ REAL_DATA = (Path("data/tgs-salt-identification-challenge.zip"), Path("data/tgs-
 RUNS_DIR = Path("runs")  # default parent of the run folders
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "val_score", "lr", "seconds")
 EVAL_BATCH = 32  # images per forward pass when validating
-MIN_AREAS = (0, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300)  # the empty-mask rule's candidates, in pixels
+MIN_AREAS = (0, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 400, 500, 700, 1000)  # empty-mask rule candidates (px)
 GPU_SYNC_EVERY = 20  # steps between host syncs on a GPU (progress bar, NaN check)
 
 # Settings that decide the model, the split or the geometry: a resumed run must keep them.
