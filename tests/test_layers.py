@@ -54,6 +54,19 @@ def test_conv2d_transpose_gradients(xp, rng):
     assert set(check_layer(layer, [x], rng)) == {"input0", "W", "b"}
 
 
+@pytest.mark.parametrize("kernel", [1, 3, 5])  # odd: 'same' pads both sides alike, so the flip keeps the grid
+def test_conv2d_input_gradient_is_the_conv_of_dout_by_the_flipped_transposed_kernel(xp, rng, kernel):
+    """Conv and transposed conv are each other's backward: dL/dx = conv(dout, rot180(W) with C and F swapped)."""
+    layer = f64(Conv2D(3, 4, kernel, rng=rng, xp=xp), xp)
+    x = as_array(rng.standard_normal((2, 6, 7, 3)), xp)
+    layer.forward(x, train=True)
+    dout = as_array(rng.standard_normal((2, 6, 7, 4)), xp)
+    dx = layer.backward(dout)
+    dual = Conv2D(4, 3, kernel, use_bias=False, xp=xp)
+    dual.params["W"] = layer.params["W"][::-1, ::-1].transpose(0, 1, 3, 2)  # (KH, KW, F, C), flipped
+    np.testing.assert_allclose(as_numpy(dx), as_numpy(dual.forward(dout)), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("hw", [(4, 6), (5, 7)])  # even, and odd sizes whose last row/col is dropped
 def test_maxpool_gradients(xp, rng, hw):
     check_layer(MaxPooling2D(2), [distinct(rng, (2, *hw, 3), xp)], rng)
@@ -89,7 +102,9 @@ class ConvWithUnflippedKernel(Conv2D):
 
     def backward(self, dout):
         saved = self.params["W"]
-        self.params["W"] = saved[::-1, ::-1].copy()  # so backward's own flip cancels out
+        # backward's scatter (conv.shifted_conv_transpose) applies rot180 of the kernel it is given
+        # without flipping anything; given rot180(W), it convolves dout with W itself, unflipped
+        self.params["W"] = saved[::-1, ::-1].copy()
         try:
             return super().backward(dout)
         finally:

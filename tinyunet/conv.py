@@ -73,6 +73,66 @@ def gather_taps(rows, offsets: list[int], length: int):
     return xp.concatenate([rows[off:off + length] for off in offsets], axis=1)
 
 
+def shifted_conv(x_rows, W, offsets: list[int]):
+    """The convolution on shifted rows: ``out[:L] = sum_t x_rows[off_t : off_t + L] @ W_t``.
+
+    ``x_rows`` (R, C) is the zero-padded input as rows (:func:`padded_rows`), ``W`` (KH, KW, C, F),
+    ``offsets`` the taps' (:func:`tap_offsets`). Returns (R, F) on the same padded grid; its last
+    R - L rows, which no tap reaches, are zero. Taps are grouped (:func:`tap_groups`) so that
+    each GEMM has at least 8 input columns. Its transpose is :func:`shifted_conv_transpose`.
+    """
+    xp = get_array_module(x_rows)
+    c, f = W.shape[2], W.shape[3]
+    length = len(x_rows) - offsets[-1]  # L: rows whose every tap stays inside the array
+    W_rows = W.reshape(-1, f)  # (KH*KW*C, F): tap t's weights are rows t*C:(t+1)*C
+    out = xp.empty((len(x_rows), f), dtype=xp.result_type(x_rows, W))  # (R, F)
+    product = None  # (L, F): one buffer for every later group's product, not one array each
+    for k, group in enumerate(tap_groups(len(offsets), c)):
+        cols = gather_taps(x_rows, offsets[group.start:group.stop], length)  # (L, g*C)
+        W_group = W_rows[group.start * c:group.stop * c]  # (g*C, F)
+        if k == 0:
+            xp.matmul(cols, W_group, out=out[:length])  # the first group writes, the rest add
+        else:
+            product = xp.matmul(cols, W_group, out=product)
+            out[:length] += product
+    out[length:] = 0  # border rows no tap reaches: zeros, so that adding a bias stays finite
+    return out
+
+
+def shifted_conv_transpose(d_rows, W, offsets: list[int]):
+    """The transpose of :func:`shifted_conv`: ``dx[off_t : off_t + L] += d_rows[:L] @ W_t^T`` for every tap.
+
+    Each output row's gradient ``d_rows`` (R, F) goes back to the C inputs of every row it read,
+    which is the convolution of ``d_rows`` by the flipped kernel with its channels swapped (the
+    input gradient of a conv is a transposed conv). Returns (R, C) on the padded grid.
+    """
+    xp = get_array_module(d_rows)
+    c, f = W.shape[2], W.shape[3]
+    length = len(d_rows) - offsets[-1]
+    W_rows = W.reshape(-1, f)  # (KH*KW*C, F)
+    dx_rows = xp.empty((len(d_rows), c), dtype=xp.result_type(d_rows, W))  # (R, C)
+    dx_rows[length:] = 0  # only the taps at later offsets reach these rows
+    product = None  # (L, C): one buffer for every later tap's product, not one array each
+    for t, off in enumerate(offsets):
+        W_t = W_rows[t * c:(t + 1) * c].T  # (F, C)
+        if t == 0:  # offset 0: the first tap writes rows [0, L), the others add
+            xp.matmul(d_rows[:length], W_t, out=dx_rows[:length])
+        else:
+            product = xp.matmul(d_rows[:length], W_t, out=product)
+            dx_rows[off:off + length] += product
+    return dx_rows
+
+
+def shifted_conv_weight_grad(x_rows, d_rows, offsets: list[int], dW):
+    """dL/dW of :func:`shifted_conv` into ``dW`` (KH, KW, C, F): ``dW_t = x_rows[off_t : off_t + L]^T @ d_rows[:L]``."""
+    c, f = dW.shape[2], dW.shape[3]
+    length = len(d_rows) - offsets[-1]
+    dW_rows = dW.reshape(-1, f)  # (KH*KW*C, F), a view: writing it fills dW
+    for group in tap_groups(len(offsets), c):  # the taps grouped as in the forward
+        cols = gather_taps(x_rows, offsets[group.start:group.stop], length)  # (L, g*C)
+        dW_rows[group.start * c:group.stop * c] = cols.T @ d_rows[:length]  # (g*C, F)
+
+
 def column_sums(rows):
     """``rows.sum(axis=0)`` of a (R, F) array, as one matrix-vector product ``ones(R) @ rows``.
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 
 from tinyunet.backend import as_array, get_array_module, make_rng
-from tinyunet.conv import (blocks_to_space, column_sums, conv_outsize, gather_taps, padded_rows, same_pads,
-                           space_to_blocks, tap_groups, tap_offsets, valid)
+from tinyunet.conv import (blocks_to_space, column_sums, conv_outsize, padded_rows, same_pads, shifted_conv,
+                           shifted_conv_transpose, shifted_conv_weight_grad, space_to_blocks, tap_offsets, valid)
 
 
 def glorot_uniform(shape: tuple[int, ...], fan_in: int, fan_out: int, rng: np.random.Generator,
@@ -35,18 +35,17 @@ class Conv2D:
 
         out[n, y, x, f] = sum_(i, j, c) x_pad[n, y + i, x + j, c] * W[i, j, c, f] + b[f]
 
-    computed as a sum over the kernel taps of one GEMM each on shifted rows of the padded input
-    (see :mod:`tinyunet.conv`): ``out_rows[:L] = sum_(i, j) x_rows[off : off + L] @ W[i, j]``
-    (a few taps share one GEMM when C is small).
-    Backward, with ``d_rows`` the output gradient laid on the same padded grid (zero at the
-    dropped rows):
+    computed on shifted rows of the padded input (:mod:`tinyunet.conv`), with ``d_rows`` the output
+    gradient laid on the same padded grid (zero at the dropped rows):
 
-        dW[i, j] = x_rows[off : off + L]^T @ d_rows[:L]                       (C, F) per tap
-        db       = sum of dout over N, H, W                                  (F,)
-        dx_rows[off : off + L] += d_rows[:L] @ W[i, j]^T                      for every tap
+        out_rows[:L]            = sum_(i, j) x_rows[off : off + L] @ W[i, j]     conv.shifted_conv
+        dx_rows[off : off + L] += d_rows[:L] @ W[i, j]^T   for every tap         conv.shifted_conv_transpose
+        dW[i, j]                = x_rows[off : off + L]^T @ d_rows[:L]           conv.shifted_conv_weight_grad
+        db                      = sum of dout over N, H, W                       (F,)
 
     The input gradient scatters each output's gradient back to the KH*KW inputs it read: it is
-    the *transposed* convolution of ``dout`` by ``W``, built from the same shifted slices.
+    the *transposed* convolution of ``dout`` by ``W``, i.e. a convolution by the kernel flipped
+    (rot180) with its in and out channels swapped.
     """
 
     def __init__(self, c_in: int, c_out: int, kernel_size: int = 3, *, use_bias: bool = True, rng=None,
@@ -66,29 +65,13 @@ class Conv2D:
 
     def forward(self, x, train: bool = False):
         xp = get_array_module(x)
-        kh, kw = self.kernel_size
-        W = self.params["W"]
-        n, h, w, c = x.shape
+        n, h, w, _ = x.shape
         x_rows, (hp, wp) = padded_rows(x, self.pads)  # (N*Hp*Wp, C)
-        offsets = tap_offsets(kh, kw, wp)
-        length = len(x_rows) - offsets[-1]  # L: rows whose every tap stays inside the array
-        W_rows = W.reshape(-1, W.shape[3])  # (KH*KW*C, F): tap t's weights are rows t*C:(t+1)*C
-        # (N*Hp*Wp, F); the rows past L are never written: they are border rows, which valid() drops
-        out = xp.empty((len(x_rows), W.shape[3]), dtype=xp.result_type(x, W))
-        product = None  # (L, F): one buffer for every later group's product, not one array each
-        for k, group in enumerate(tap_groups(len(offsets), c)):
-            cols = gather_taps(x_rows, offsets[group.start:group.stop], length)  # (L, g*C)
-            W_group = W_rows[group.start * c:group.stop * c]  # (g*C, F)
-            if k == 0:
-                xp.matmul(cols, W_group, out=out[:length])  # the first group writes, the rest add
-            else:
-                product = xp.matmul(cols, W_group, out=product)
-                out[:length] += product
-        out[length:] = 0  # border rows no tap reaches: zeros, so that adding the bias stays finite
+        out = shifted_conv(x_rows, self.params["W"], tap_offsets(*self.kernel_size, wp))  # (N*Hp*Wp, F)
         if "b" in self.params:
             # out += b, with each padded image line (Wp pixels) as one row: NumPy is ~4x slower adding a
             # vector as short as F = 8 to every row than adding it tiled Wp times to rows of Wp*F values
-            lines = out.reshape(n * hp, wp * W.shape[3])  # (N*Hp, Wp*F), a view
+            lines = out.reshape(n * hp, wp * out.shape[1])  # (N*Hp, Wp*F), a view
             lines += xp.tile(self.params["b"], wp)
         self.x_rows, self.grid = x_rows, (n, hp, wp, h, w)
         return valid(out, n, hp, wp, h, w)  # (N, H, W, F)
@@ -96,36 +79,18 @@ class Conv2D:
     def backward(self, dout, input_grad: bool = True):
         """dL/dx (None when ``input_grad`` is false: a first layer's input is the image itself)."""
         xp = get_array_module(dout)
-        kh, kw = self.kernel_size
-        W = self.params["W"]
         n, hp, wp, h, w = self.grid
-        c, f = self.x_rows.shape[1], dout.shape[3]
         top, _, left, _ = self.pads
-        d_grid = xp.zeros((n, hp, wp, f), dtype=dout.dtype)
+        d_grid = xp.zeros((n, hp, wp, dout.shape[3]), dtype=dout.dtype)
         d_grid[:, :h, :w] = dout  # the dropped rows get no gradient
-        d_rows = d_grid.reshape(-1, f)  # (N*Hp*Wp, F)
-        offsets = tap_offsets(kh, kw, wp)
-        length = len(d_rows) - offsets[-1]
-        W_rows = W.reshape(-1, f)  # (KH*KW*C, F)
-        dW_rows = self.grads["W"].reshape(-1, f)  # a view: writing it fills grads["W"]
-        for group in tap_groups(len(offsets), c):  # the taps grouped as in forward
-            block = slice(group.start * c, group.stop * c)
-            cols = gather_taps(self.x_rows, offsets[group.start:group.stop], length)  # (L, g*C)
-            dW_rows[block] = cols.T @ d_rows[:length]  # (g*C, F)
+        d_rows = d_grid.reshape(-1, dout.shape[3])  # (N*Hp*Wp, F)
+        offsets = tap_offsets(*self.kernel_size, wp)
+        shifted_conv_weight_grad(self.x_rows, d_rows, offsets, self.grads["W"])
         if "b" in self.grads:
             self.grads["b"][...] = column_sums(d_rows)  # sum of dout over N, H, W (d_rows: zeros elsewhere)
         if not input_grad:
             return None
-        dx_rows = xp.empty_like(self.x_rows, dtype=xp.result_type(dout, W))  # (N*Hp*Wp, C)
-        dx_rows[length:] = 0  # only the taps at later offsets reach these rows
-        product = None  # (L, C): one buffer for every later tap's product, not one array each
-        for t, off in enumerate(offsets):
-            W_t = W_rows[t * c:(t + 1) * c].T  # (F, C)
-            if t == 0:  # offset 0: the first tap writes rows [0, L), the others add
-                xp.matmul(d_rows[:length], W_t, out=dx_rows[:length])
-            else:
-                product = xp.matmul(d_rows[:length], W_t, out=product)
-                dx_rows[off:off + length] += product
+        dx_rows = shifted_conv_transpose(d_rows, self.params["W"], offsets)  # (N*Hp*Wp, C)
         return valid(dx_rows, n, hp, wp, top + h, left + w)[:, top:, left:]  # (N, H, W, C)
 
     # --- study mode: shape and cost from the input shape alone (UNet.summary, tinyunet.inspect) ---
