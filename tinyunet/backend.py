@@ -107,3 +107,21 @@ def as_array(a, xp):
 def make_rng(xp, seed):
     """A random generator of module ``xp`` (``numpy.random.Generator`` or CuPy's), seeded."""
     return xp.random.default_rng(seed)
+
+
+def map_batches(fn, x, batch_size: int, xp, dtype, progress=None):
+    """``fn`` on ``x`` (N, ...) ``batch_size`` items at a time, each batch moved to ``xp`` as ``dtype``
+    first; the results joined along the batch in one array (N, ...) on ``xp``.
+
+    The one inference loop: UNet.predict, DataParallel's CPU pieces and the pipeline's probabilities.
+    ``progress``, if given, is called with the number of items done after each batch.
+    """
+    out = None
+    for start in range(0, max(len(x), 1), batch_size):  # an empty x: one empty batch
+        part = fn(as_array(x[start:start + batch_size], xp).astype(dtype, copy=False))
+        if progress is not None:
+            progress(len(part))
+        if out is None:
+            out = xp.empty((len(x),) + part.shape[1:], dtype=part.dtype)
+        out[start:start + batch_size] = part
+    return out

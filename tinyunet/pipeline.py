@@ -12,7 +12,7 @@ the three can never disagree about the geometry.
 
 from __future__ import annotations
 
-from tinyunet.backend import as_array, as_numpy, get_array_module
+from tinyunet.backend import as_numpy, get_array_module, map_batches
 from tinyunet.data import crop, hflip, pad_to_multiple, resize
 from tinyunet.layers import sigmoid
 
@@ -52,24 +52,20 @@ def probabilities(model, images, fit: str, input_size: int, batch_size: int = 32
     mirrored left-right and the two probability maps (the mirror flipped back) are averaged.
     ``progress``, if given, is called with the number of images done after each batch.
     """
-    xp = model.xp
     depth = model.config["depth"]
-    n, h, w = images.shape
+    h, w = images.shape[1:]
 
     def predict_at_original_size(batch):  # (B, H, W) -> (B, H, W)
         x, box = to_network(batch, fit, input_size, depth)
         return from_network(sigmoid(model.forward(x, train=False)), fit, box, (h, w))
 
-    out = xp.empty((n, h, w), dtype=model.dtype)
-    for start in range(0, n, batch_size):
-        batch = as_array(images[start:start + batch_size], xp).astype(model.dtype, copy=False)
+    def predict(batch):  # (B, H, W) -> (B, H, W)
         p = predict_at_original_size(batch)
         if tta:  # mirror the image itself, so an odd padding cannot shift the mirrored view
             p = (p + hflip(predict_at_original_size(hflip(batch)))) / 2
-        out[start:start + batch_size] = p
-        if progress is not None:
-            progress(len(batch))
-    return out
+        return p
+
+    return map_batches(predict, images, batch_size, model.xp, model.dtype, progress)
 
 
 def binarize(probs, threshold: float):

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tinyunet.backend import as_array, get_backend
+from tinyunet.backend import as_array, get_backend, map_batches
 from tinyunet.blocks import BLOCKS, Block, DecoderBlock, EncoderBlock, conv_unit
 from tinyunet.layers import BatchNormalization, Conv2D, Dropout, sigmoid
 from tinyunet.layers import Sigmoid  # study mode: the summary's last row
@@ -174,12 +174,7 @@ class UNet(Block):
 
     def predict(self, x, batch_size: int = 32):
         """Probabilities (N, H, W, 1), computed ``batch_size`` images at a time without dropout."""
-        xp = self.xp
-        out = xp.empty(x.shape[:3] + (1,), dtype=self.dtype)
-        for start in range(0, x.shape[0], batch_size):
-            batch = as_array(x[start:start + batch_size], xp).astype(self.dtype, copy=False)
-            out[start:start + batch_size] = sigmoid(self.forward(batch, train=False))
-        return out
+        return map_batches(lambda batch: sigmoid(self.forward(batch, train=False)), x, batch_size, self.xp, self.dtype)
 
     # --- study mode: every layer in forward order, and the Keras-style summary ------------------------
 
