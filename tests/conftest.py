@@ -57,3 +57,12 @@ def gpu(monkeypatch):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """24 synthetic training and 4 test images of 101 x 101 (split 19 + 5), generated once for every
+    test file that trains on it; tests read it and never write into it."""
+    from tinyunet.synth import generate
+
+    return generate(tmp_path_factory.mktemp("synthetic") / "set", n_train=24, n_test=4, seed=0)

@@ -27,18 +27,12 @@ from tinyunet.losses import binary_crossentropy
 from tinyunet.optim import Adam
 from tinyunet.parallel import DataParallel
 from tinyunet.prediction import predict
-from tinyunet.synth import generate
 from tinyunet.training import build_config, train
 from tinyunet.unet import UNet
 
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY = {"features": 2, "depth": 2, "input_size": 32, "progress": False, "plots": False}
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    return generate(tmp_path_factory.mktemp("synthetic") / "set", n_train=24, n_test=4, seed=0)  # split 19 + 5
 
 
 def tiny(data: Path, out: Path, **settings):

@@ -10,10 +10,13 @@ the step fails the test here, on every machine, without a GPU.
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 import numpy as np
 import pytest
 
-from tinyunet import backend, conv, layers, losses, optim, unet
+import tinyunet
 from tinyunet.losses import binary_crossentropy
 from tinyunet.optim import Adam
 from tinyunet.parallel import DataParallel
@@ -56,13 +59,18 @@ def _refuse_conversion(*args, **kwargs):
     raise HostTransfer("tinyunet.backend converted an array between host and device")
 
 
+def package_modules() -> list:
+    """Every module of tinyunet, imported: the guard covers whatever a step may reach, not a list."""
+    return [importlib.import_module(f"tinyunet.{info.name}") for info in pkgutil.iter_modules(tinyunet.__path__)]
+
+
 def guard(monkeypatch) -> None:
-    """From now on layers, loss, optimizer and conv helpers see DeviceLikeNumPy as their array
-    module, and every explicit host/device conversion raises."""
+    """From now on every tinyunet module that asks for the array module gets DeviceLikeNumPy, and
+    every explicit host/device conversion (``as_array``, ``as_numpy``, wherever imported) raises."""
     fake = DeviceLikeNumPy()
-    for module in (layers, conv, losses, optim):
-        monkeypatch.setattr(module, "get_array_module", lambda *arrays: fake)
-    for module in (backend, layers, unet, optim):
+    for module in package_modules():
+        if hasattr(module, "get_array_module"):
+            monkeypatch.setattr(module, "get_array_module", lambda *arrays: fake)
         for name in ("as_array", "as_numpy"):
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, _refuse_conversion)

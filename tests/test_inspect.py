@@ -162,10 +162,20 @@ def test_trace_forward_statistics(rng):
 
 def test_skip_shares_split_the_first_decoder_conv(rng):
     model = _tiny()
-    shares = skip_shares(model, rng.random((8, 8)), input_size=8)  # checks up + skip + b = conv1 itself
+    image = rng.random((8, 8))
+    shares = skip_shares(model, image, input_size=8)  # checks up + skip + b = conv1 itself
     assert [s["level"] for s in shares] == [2, 1]
-    assert all(0 <= s["share"] <= 1 for s in shares)
     assert shares[1]["up"].shape == (8, 8, 2)
+    values = activations(model, image, "resize", 8)
+    for share, decoder in zip(shares, model.decoders):  # the skip's part, computed on its own
+        W = decoder.convs.conv1.params["W"]  # (3, 3, 2F, F): [up, skip] channels
+        f = W.shape[2] // 2
+        half = Conv2D(f, W.shape[3], 3, use_bias=False)
+        half.params["W"] = W[:, :, f:]
+        from_skip = half.forward(values[f"enc{share['level']}.relu2"])[0]
+        np.testing.assert_allclose(share["skip"], from_skip, rtol=1e-5, atol=1e-6)
+        norms = np.linalg.norm(share["up"]), np.linalg.norm(from_skip)
+        assert share["share"] == pytest.approx(norms[1] / sum(norms), rel=1e-5)
 
 
 # --- pictures and the command line ---------------------------------------------------------------

@@ -172,7 +172,15 @@ def test_blas_runs_single_threaded_inside_the_shards_and_is_restored():
 def test_bad_thread_counts():
     with pytest.raises(ValueError, match="threads must be at least 1"):
         DataParallel(_model(), 0)
-    assert DataParallel(_model(), None).threads == usable_cores()  # every core this process may use
+
+
+def test_threads_default_to_the_cores_this_process_may_use(monkeypatch):
+    if not hasattr(parallel.os, "sched_getaffinity"):
+        pytest.skip("no affinity mask on this OS")
+    monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: {3})  # pinned to one core of many
+    assert usable_cores() == 1 and DataParallel(_model(), None).threads == 1
+    monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: {0, 2, 5})
+    assert DataParallel(_model(), None).threads == 3
 
 
 def test_as_many_shards_as_threads_on_numpy_and_one_on_cupy(xp):

@@ -15,7 +15,6 @@ import pytest
 
 from tinyunet import training
 from tinyunet.checkpoint import load_checkpoint
-from tinyunet.synth import generate
 
 from helpers import assert_one_line_error, exit_code, poison_loss
 
@@ -32,11 +31,6 @@ def load_cli():
 
 
 cli = load_cli()
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    return generate(tmp_path_factory.mktemp("cli-data") / "set", n_train=24, n_test=4, seed=0)
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:

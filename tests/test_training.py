@@ -29,11 +29,6 @@ TINY = {"features": 2, "depth": 2, "input_size": 32, "epochs": 2, "progress": Fa
 PNGS = ("learning_curves.png", "threshold_sweep.png", "val_predictions.png", "coverage.png")
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    return generate(tmp_path_factory.mktemp("synthetic") / "set", n_train=24, n_test=4, seed=0)  # split 19 + 5
-
-
 def tiny(data: Path, out: Path, **settings) -> TrainConfig:
     return build_config({"data": str(data), "out": str(out), **TINY, **settings})
 
