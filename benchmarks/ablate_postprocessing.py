@@ -21,7 +21,9 @@ from tinyunet.metrics import competition_score
 from tinyunet.models import load_model
 from tinyunet.parallel import DataParallel
 from tinyunet.pipeline import probabilities
-from tinyunet.training import EVAL_BATCH, config_from_args, prepare_data, tune_postprocessing
+from tinyunet.config import config_from_args
+from tinyunet.prepare import prepare_data
+from tinyunet.training import EVAL_BATCH, tune_postprocessing
 
 from benchmarks.common import add_threads_flag, machine
 

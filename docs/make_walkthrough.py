@@ -132,7 +132,8 @@ def generate(args) -> str:
     from tinyunet.pipeline import binarize, from_network, probabilities, to_network
     from tinyunet.rle import rle_encode
     from tinyunet.runs import RunError, latest_model
-    from tinyunet.training import config_from_args, prepare_data
+    from tinyunet.config import config_from_args
+    from tinyunet.prepare import prepare_data
     from tinyunet.unet import UNet
 
     try:
@@ -384,9 +385,9 @@ offsets are {offsets}, each slice has L = N*Hp*Wp - {offsets[-1]} = {length} row
 rows per image are kept ({L("valid", cv, "def valid(")}); the rest ran past the right or bottom edge. With
 C = 1 a single-column GEMM would crawl, so taps are grouped: {groups} (a ({length}, 8) then a ({length}, 1)
 product); from C = 8 on, every tap is its own group ({deep_groups} GEMMs for `enc2.conv2`).
-Forward: {L("out += cols @ W", lay, "product = xp.matmul(cols, W_group, out=product)")};
-backward: {L("dW = cols^T @ d_rows", lay, "dW_rows[block] = cols.T @ d_rows[:length]")} and
-{L("dx_rows[off:off + L] += d_rows @ W^T", lay, "dx_rows[off:off + length] += product")}.
+Forward: {L("out += cols @ W", cv, "product = xp.matmul(cols, W_group, out=product)")} ({L("shifted_conv", cv, "def shifted_conv(")});
+backward: {L("dW = cols^T @ d_rows", cv, "dW_rows[group.start * c:group.stop * c] = cols.T @ d_rows[:length]")} and
+{L("dx_rows[off:off + L] += d_rows @ W^T", cv, "dx_rows[off:off + length] += product")} ({L("its transpose", cv, "def shifted_conv_transpose(")}).
 
 **Why the input gradient is a transposed convolution.** A convolution is linear in x: y = A x for a big sparse
 matrix A whose rows hold the kernel, shifted once per output pixel. The gradient of a linear map is the

@@ -27,7 +27,8 @@ from tinyunet.losses import binary_crossentropy
 from tinyunet.optim import Adam
 from tinyunet.parallel import DataParallel
 from tinyunet.prediction import predict
-from tinyunet.training import build_config, train
+from tinyunet.config import build_config
+from tinyunet.training import train
 from tinyunet.unet import UNet
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -35,3 +35,8 @@ def test_the_public_api_builds_trains_a_step_and_scores():
     assert tinyunet.competition_score(y[..., 0] > 0, y[..., 0] > 0) == 1.0
     for name in tinyunet.__all__:
         assert getattr(tinyunet, name) is not None, name
+
+
+def test_inspect_loads_no_pillow():
+    """Study mode needs resizing, not file reading: the array work lives apart from the PNG reader."""
+    assert "PIL" not in loaded_after("import tinyunet.inspect")

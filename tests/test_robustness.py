@@ -17,7 +17,6 @@ Everything is tiny (features 2, depth 2, a dozen small images, 1-4 epochs).
 from __future__ import annotations
 
 import csv
-import importlib.util
 import os
 import random
 import signal
@@ -34,14 +33,15 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image
 
-from tinyunet import training
+from tinyunet import prepare
 from tinyunet.checkpoint import load_checkpoint
-from tinyunet.cli import predict_main
+from tinyunet.cli import predict_main, train_main
 from tinyunet.data import TrainSet, load_train
 from tinyunet.metrics import competition_score, image_scores, iou
 from tinyunet.rle import rle_decode, rle_encode
 from tinyunet.synth import generate
-from tinyunet.training import build_config, train
+from tinyunet.config import build_config
+from tinyunet.training import train
 
 from helpers import assert_one_line_error, exit_code
 
@@ -50,17 +50,6 @@ TRAIN_PY = REPO / "train.py"
 TINY_FLAGS = ["--features", "2", "--depth", "2", "--input-size", "16", "--no-plots", "--no-progress"]
 EPOCHS = 12  # of every killed-and-resumed run; an epoch of the tiny set takes about 0.1 s
 ENV = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-
-
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-train_cli = _load_script("train")
 
 
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
@@ -93,7 +82,7 @@ _SLOW_WRITE = textwrap.dedent("""
     import io, os, sys, time, runpy
     from pathlib import Path
     import numpy as np
-    from tinyunet import training
+    from tinyunet import prepare
     script, target, k, marker = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
     real_save, real_savez, state = training.save_checkpoint, np.savez, {"path": None, "n": 0}
 
@@ -285,7 +274,7 @@ def _train_then_predict(data: Path, tmp_path: Path, fit: str, shape: tuple[int, 
                                   capture_output=True, text=True, timeout=300, env=env)
             assert done.returncode == 0 and "Traceback" not in done.stderr, (script, done.stderr)
     else:
-        for main, argv in ((train_cli.main, train_argv), (predict_main, predict_argv)):
+        for main, argv in ((train_main, train_argv), (predict_main, predict_argv)):
             code = exit_code(main, argv)
             assert code == 0, capsys.readouterr().err
     meta = load_checkpoint(run / "best.npz").meta
@@ -319,7 +308,7 @@ def test_a_non_square_set_trains_and_predicts_another_shape(oblong_set, tmp_path
 def finished(tiny_data, tmp_path, monkeypatch) -> Path:
     """A 1-epoch run in ./runs/done of a fresh working folder (so runs/latest exists too)."""
     monkeypatch.chdir(tmp_path)
-    assert exit_code(train_cli.main, ["--data", tiny_data, "--out", "runs/done", "--epochs", "1", *TINY_FLAGS]) == 0
+    assert exit_code(train_main, ["--data", tiny_data, "--out", "runs/done", "--epochs", "1", *TINY_FLAGS]) == 0
     return tmp_path
 
 
@@ -336,11 +325,11 @@ def test_nan_pixels_stop_training_in_one_line_and_damage_nothing(finished, tiny_
         images[0, 0, 1] = np.inf
         return TrainSet(data.ids, images, data.masks, data.depths)
 
-    monkeypatch.setattr(training, "load_train", poisoned)
-    assert exit_code(train_cli.main, ["--resume", "runs/done", "--epochs", "3"]) == 2
+    monkeypatch.setattr(prepare, "load_train", poisoned)
+    assert exit_code(train_main, ["--resume", "runs/done", "--epochs", "3"]) == 2
     assert_one_line_error(capsys.readouterr().err, "2 NaN or infinite values", "(0, 0, 1)")
     assert snapshot(finished) == before
-    assert exit_code(train_cli.main, ["--data", tiny_data, "--out", "runs/new", "--epochs", "1", *TINY_FLAGS]) == 2
+    assert exit_code(train_main, ["--data", tiny_data, "--out", "runs/new", "--epochs", "1", *TINY_FLAGS]) == 2
     assert_one_line_error(capsys.readouterr().err, "NaN or infinite")
     assert snapshot(finished) == before and not (finished / "runs" / "new").exists()
 
@@ -372,7 +361,7 @@ def test_mistakes_against_a_run_leave_it_untouched(finished, capsys, case):
     capsys.readouterr()
     make_argv, words = RUN_MISTAKES[case]
     before = snapshot(finished / "runs")
-    assert exit_code(train_cli.main, make_argv(finished)) == 2
+    assert exit_code(train_main, make_argv(finished)) == 2
     assert_one_line_error(capsys.readouterr().err, *words)
     assert snapshot(finished / "runs") == before
     assert not (finished / "runs" / "else").exists()
@@ -394,7 +383,7 @@ def test_resume_from_a_damaged_last_npz_keeps_best_npz(finished, capsys, damage)
         words = ["pickle", "refused"]
     capsys.readouterr()
     before = snapshot(finished / "runs")
-    assert exit_code(train_cli.main, ["--resume", "runs/done"]) == 2
+    assert exit_code(train_main, ["--resume", "runs/done"]) == 2
     assert_one_line_error(capsys.readouterr().err, "last.npz", *words)
     assert snapshot(finished / "runs") == before
     load_checkpoint(run / "best.npz")

@@ -13,24 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tinyunet import training
 from tinyunet.checkpoint import load_checkpoint
+from tinyunet.cli import train_main
+from tinyunet.config import ConfigError
 
 from helpers import assert_one_line_error, exit_code, poison_loss
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PY = REPO / "train.py"
 TINY_FLAGS = ["--features", "2", "--depth", "2", "--input-size", "32", "--no-plots", "--no-progress"]
-
-
-def load_cli():
-    spec = importlib.util.spec_from_file_location("train_cli", TRAIN_PY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cli = load_cli()
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -79,7 +70,7 @@ def test_bad_flag_values_are_one_line_errors(tmp_path, monkeypatch, capsys, args
 
 def call_main(argv: list[str]) -> int:
     """train.py's exit code, in this process."""
-    return exit_code(cli.main, argv)
+    return exit_code(train_main, argv)
 
 
 def test_an_abbreviated_flag_is_refused(tmp_path, monkeypatch, capsys):
@@ -132,8 +123,8 @@ def test_gpu_without_cupy(tmp_path, tiny_data):
 
 def test_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(training.ConfigError):
-        cli.main(["--batch-size", "0", "--debug"])
+    with pytest.raises(ConfigError):
+        train_main(["--batch-size", "0", "--debug"])
 
 
 def test_a_nan_loss_exits_non_zero_with_epoch_and_batch(tmp_path, tiny_data, monkeypatch, capsys):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,11 @@ from tinyunet.data import DataError
 from tinyunet.layers import sigmoid
 from tinyunet.losses import binary_crossentropy, lovasz_hinge
 from tinyunet.synth import generate
-from tinyunet.training import (HISTORY_COLUMNS, QUICK, ConfigError, TrainConfig, TrainingDiverged,
-                               TrainingInterrupted, build_config, train)
+from tinyunet import prepare
+from tinyunet.config import MIN_AREAS, QUICK, ConfigError, TrainConfig, build_config, validate
+from tinyunet.losses import LOSSES
+from tinyunet.runs import HISTORY_COLUMNS, RunError
+from tinyunet.training import TrainingDiverged, TrainingInterrupted, train
 from tinyunet.unet import UNet
 
 from helpers import poison_loss
@@ -213,12 +217,12 @@ def test_quick_defaults_apply_only_to_the_synthetic_set(tmp_path, monkeypatch):
 
 def test_the_synthetic_set_is_generated_once(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(training, "SYNTHETIC_SIZE", {"n_train": 6, "n_test": 2})
+    monkeypatch.setattr(prepare, "SYNTHETIC_SIZE", {"n_train": 6, "n_test": 2})
     said = []
-    path = training.resolve_data(TrainConfig(), said.append)
-    assert path == training.SYNTHETIC_DIR and len(list((tmp_path / path / "train/images").iterdir())) == 6
+    path = prepare.resolve_data(TrainConfig(), said.append)
+    assert path == prepare.SYNTHETIC_DIR and len(list((tmp_path / path / "train/images").iterdir())) == 6
     stamp = (tmp_path / path / "train.csv").stat().st_mtime_ns
-    assert training.resolve_data(TrainConfig(), said.append) == path
+    assert prepare.resolve_data(TrainConfig(), said.append) == path
     assert (tmp_path / path / "train.csv").stat().st_mtime_ns == stamp
     assert len(said) == 2  # "generating ..." and "done" once
 
@@ -253,20 +257,18 @@ def test_invalid_settings_are_one_line_errors(tmp_path, settings, flag):
 
 
 def replace_tiny(tmp_path: Path, **settings) -> TrainConfig:
-    from dataclasses import replace
-
     return replace(TrainConfig(data=str(tmp_path / "no-data"), out=str(tmp_path / "out"), **TINY), **settings)
 
 
 def test_output_folder_problems(tiny_data, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    with pytest.raises(ConfigError, match="cannot write to the output folder"):
+    with pytest.raises(RunError, match="cannot write to the output folder"):
         train(tiny(tiny_data, blocker / "run"))
-    with pytest.raises(ConfigError, match="is a file"):
+    with pytest.raises(RunError, match="is a file"):
         train(tiny(tiny_data, blocker))
     run = train(tiny(tiny_data, tmp_path / "taken", epochs=1))
-    with pytest.raises(ConfigError, match="already holds a run.*--resume"):
+    with pytest.raises(RunError, match="already holds a run.*--resume"):
         train(tiny(tiny_data, run, epochs=1))
 
 
@@ -336,8 +338,8 @@ BN_RUN = {"block": "residual", "flip_mode": "random", "loss": "bce", "loss2": "l
 def test_a_residual_run_with_two_losses_resumes_bit_identically(tiny_data, tmp_path, monkeypatch):
     calls = []
     for name in ("bce", "lovasz"):  # count which loss every training and validation batch used
-        real = training.LOSSES[name]
-        monkeypatch.setitem(training.LOSSES, name,
+        real = LOSSES[name]
+        monkeypatch.setitem(LOSSES, name,
                             lambda logits, target, real=real, name=name: calls.append(name) or real(logits, target))
     straight = train(tiny(tiny_data, tmp_path / "straight", epochs=3, **BN_RUN))
     # 19 training images, not doubled (random flips): 3 batches, then 1 validation batch, per epoch
@@ -385,7 +387,7 @@ def test_epoch_loss_switches_to_the_second_loss():
 ])
 def test_bad_block_loss_monitor_or_flip_mode(tmp_path, settings, flag):
     with pytest.raises(ConfigError) as err:
-        training.validate(replace_tiny(tmp_path, **settings))
+        validate(replace_tiny(tmp_path, **settings))
     message = str(err.value)
     assert message.startswith(f"{flag} ") and "\n" not in message
     assert repr(next(iter(settings.values()))) in message
@@ -409,7 +411,7 @@ def test_cosine_restarts_save_snapshots_and_their_tuned_ensemble(tiny_data, tmp_
     assert load_checkpoint(run / "snapshot01.npz").meta["epoch"] == 2
     ensemble, ckpt = load_model(run / "ensemble.npz")
     assert isinstance(ensemble, Ensemble) and len(ensemble.members) == 2
-    assert ckpt.meta["tta"] is True and ckpt.meta["min_area"] in training.MIN_AREAS
+    assert ckpt.meta["tta"] is True and ckpt.meta["min_area"] in MIN_AREAS
     best = load_checkpoint(run / "best.npz").meta
     assert best["tta"] is True and isinstance(best["min_area"], int)
     # the ensemble's probability is the mean of its members'
@@ -428,13 +430,13 @@ def test_the_empty_rule_and_tta_are_tuned_on_validation(tiny_data, tmp_path):
     run = train(tiny(tiny_data, tmp_path / "rule", epochs=2, tta=True, empty_rule=True))
     model, ckpt = load_model(run / "best.npz")
     config = build_config({"data": str(tiny_data), **TINY})
-    prep = training.prepare_data(config, tiny_data, np, np.float32)
+    prep = prepare.prepare_data(config, tiny_data, np, np.float32)
     probs = probabilities(model, prep.val_images, "resize", 32, tta=True)
     meta = ckpt.meta
     chosen = competition_score(prep.val_truth, drop_small(probs > np.float32(meta["best_threshold"]),
                                                           meta["min_area"]))
     assert chosen == pytest.approx(meta["val_score"])
-    for area in training.MIN_AREAS:  # no other area does better at any threshold of the sweep
+    for area in MIN_AREAS:  # no other area does better at any threshold of the sweep
         for t in meta["threshold_sweep"]["thresholds"]:
             assert competition_score(prep.val_truth, drop_small(probs > np.float32(t), area)) <= chosen + 1e-12
 
@@ -510,7 +512,7 @@ def test_folds_train_one_run_each_and_tune_on_out_of_fold_predictions(tiny_data,
     oof, truth = [], []
     for k in range(3):
         model, _ = load_model(root / f"fold{k + 1}" / "best.npz")
-        prep = training.prepare_data(training.replace(config, fold=k), tiny_data, np, np.float32)
+        prep = prepare.prepare_data(replace(config, fold=k), tiny_data, np, np.float32)
         oof.append(probabilities(model, prep.val_images, "resize", 32))
         truth.append(prep.val_truth)
     score = competition_score(np.concatenate(truth), np.concatenate(oof) > np.float32(ckpt.meta["best_threshold"]))

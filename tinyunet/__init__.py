@@ -3,7 +3,7 @@
     import tinyunet
     model = tinyunet.UNet(features=8, depth=4)            # the seed recipe's network
     model, ckpt = tinyunet.load_model("models/tgs-salt.npz")
-    run = tinyunet.train(config)                          # config: tinyunet.config.build_config({...})
+    run = tinyunet.train(config)                          # config = tinyunet.config.build_config({...})
     tinyunet.predict(run / "best.npz", data="tgs-salt-identification-challenge.zip")
 
 The engine (network, layers, losses, optimizer, checkpoints, metrics, run-length codes) loads with

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from tinyunet.backend import as_numpy
-from tinyunet.files import atomic_write, remove_stale_temporaries, temporary_path  # noqa: F401 (training's, until its split)
+from tinyunet.files import atomic_write
 
 FORMAT = "tinyunet-checkpoint"
 FORMAT_VERSION = 1

@@ -14,7 +14,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from tinyunet.blocks import BLOCKS
+from tinyunet.config import BEST, FLIP_MODES, MONITORS, QUICK, SCHEDULES, ConfigError, TrainConfig, build_config, flag
+from tinyunet.losses import LOSSES
+from tinyunet.pipeline import FITS
+
 EXIT_USAGE = 2  # bad input a user can fix (flags, data, checkpoints, GPU)
+EXIT_DIVERGED = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 
 
 def _prog(name: str) -> str:
@@ -27,6 +34,186 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
+
+
+# ------------------------------------------------------------------------------------------------
+# train
+# ------------------------------------------------------------------------------------------------
+
+def _shown(value) -> str:
+    """A setting's value as it is typed on the command line: (0.0, 0.0) -> '0,0'."""
+    return ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else str(value)
+
+
+def _typed(name: str, value) -> str:
+    """A setting as a flag: ('epochs', 13) -> '--epochs 13', ('flip', False) -> '--no-flip'."""
+    if isinstance(value, bool):
+        return flag(name) if value else "--no-" + flag(name)[2:]
+    return f"{flag(name)} {_shown(value)}"
+
+
+def _default(name: str) -> str:
+    """'(default: 40; quick: 12)': the recipe's default, and the quick run's when it differs."""
+    value = getattr(TrainConfig(), name)
+    text = f"default: {value}"
+    if name in BEST:
+        text += f"; --recipe best: {_shown(BEST[name])}"
+    if name in QUICK:
+        text += f"; quick run on the synthetic set: {_shown(QUICK[name])}"
+    return f"({text})"
+
+
+def _rates(text: str) -> tuple[float, ...]:
+    """'0.25,0.3,0.4,0.5' -> (0.25, 0.3, 0.4, 0.5)."""
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of rates, "
+                                         "e.g. 0.25,0.3,0.4,0.5") from None
+
+
+def parse_train_args(argv: list[str] | None = None) -> tuple[dict, bool]:
+    """The flags actually given, as TrainConfig field -> value, and --debug."""
+    quick = ", ".join(_typed(key, value) for key, value in QUICK.items())
+    parser = _Parser(
+        prog=_prog("train"),
+        description="Train the seed U-Net for binary segmentation (the TGS Salt recipe) and write a run "
+                    "folder: best.npz, last.npz, history.csv and plots.",
+        epilog="Defaults: the seed recipe (Adam 1e-3, batch 8, 40 epochs, resize 101->128, early stopping 7, "
+               "reduce LR x0.1 after 5, min 1e-5). With no --data and no data under ./data, the built-in "
+               f"synthetic set is generated into ./data/synthetic and the QUICK defaults apply: {quick} "
+               "(4000 training images, 101->64 resize, no flips, no dropout); any flag overrides them.",
+        argument_default=argparse.SUPPRESS,  # only flags actually given reach build_config
+        allow_abbrev=False,  # --epoch 3 is an error, not a silent --epochs 3
+    )
+    parser.add_argument("--recipe", dest="preset", choices=("seed", "best"), help="the defaults: 'seed', the walkthrough's recipe (0.725 here), or "
+                        "'best', the measured best of docs/accuracy.md (every flag below still overrides them; "
+                        "default: seed, or the quick run when there is no data)")
+    parser.add_argument("--data", help="folder in Kaggle's layout (train/images, train/masks, train.csv, "
+                        "test/images) or the competition's zip; default: ./data/tgs-salt-identification-"
+                        "challenge.zip or ./data/tgs-salt if present, else the built-in synthetic set")
+    parser.add_argument("--gpu", action="store_true", help="train on the GPU with CuPy (default: CPU, NumPy)")
+    parser.add_argument("--threads", type=int, help="CPU threads sharing every batch, each running the whole "
+                        "network on its share (default: every usable core; results differ slightly with the "
+                        "thread count, as dropout masks are drawn per thread)")
+    parser.add_argument("--epochs", type=int, help=f"total number of epochs, counting those a resumed run "
+                        f"already did {_default('epochs')}")
+    parser.add_argument("--batch-size", type=int, help=f"images per training step {_default('batch_size')}")
+    parser.add_argument("--features", type=int, help=f"filters of the top level, doubled per level down "
+                        f"{_default('features')}")
+    parser.add_argument("--depth", type=int, help=f"levels down and up {_default('depth')}")
+    parser.add_argument("--dropout", type=_rates, metavar="RATES", help="dropout rate per level, top level "
+                        "first, comma-separated, one per level (default: 0.25,0.3,0.4,0.5 at depth 4; other "
+                        f"depths cut it, or extend it with 0.5; quick run on the synthetic set: "
+                        f"{_shown(QUICK['dropout'])})")
+    parser.add_argument("--block", choices=BLOCKS, help="each level's two convolutions: 'double' conv-ReLU x2 "
+                        "(the seed), 'double_bn' conv-BN-ReLU x2, 'residual' a ResNet block (conv-BN-ReLU, "
+                        f"conv-BN, + shortcut, ReLU) {_default('block')}")
+    parser.add_argument("--loss", choices=list(LOSSES), help=f"the training loss {_default('loss')}")
+    parser.add_argument("--loss2", choices=list(LOSSES), help="a second loss, from epoch --loss2-epoch on "
+                        "(e.g. --loss bce --loss2 lovasz --loss2-epoch 25; default: none)")
+    parser.add_argument("--loss2-epoch", type=int, help="the first epoch (counting from 1) trained with --loss2 "
+                        f"{_default('loss2_epoch')}")
+    parser.add_argument("--monitor", choices=list(MONITORS), help="what early stopping, the best checkpoint and "
+                        "the LR cut watch: val_loss (lower is better) or val_score (the competition score at "
+                        f"threshold 0.5; higher is better; use it when the loss changes) {_default('monitor')}")
+    parser.add_argument("--lr", type=float, help=f"Adam's learning rate {_default('lr')}; on --resume it "
+                        "replaces the saved rate")
+    parser.add_argument("--val-split", type=float, help=f"validation share, stratified by coverage class, "
+                        f"in (0, 1) {_default('val_split')}")
+    parser.add_argument("--folds", type=int, metavar="K", help="k-fold cross-validation instead of one split: "
+                        "one run per fold in --out/fold1 ... foldK, then the out-of-fold predictions tune the "
+                        "threshold and give the CV score, and the K models become --out/ensemble.npz "
+                        f"{_default('folds')}")
+    parser.add_argument("--seed", type=int, help=f"seed of the weights, split, shuffles and dropout "
+                        f"{_default('seed')}")
+    parser.add_argument("--out", help="run folder to write (default: runs/<YYYYmmdd-HHMMSS>); its parent "
+                        "gets a 'latest' file naming it")
+    parser.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN from its last.npz, "
+                        "exactly where it stopped (its settings are reused; --epochs may raise the total)")
+    parser.add_argument("--fit", choices=FITS, help=f"how images meet the network: 'resize' to --input-size "
+                        f"or reflect-'pad' to a multiple of 2**depth {_default('fit')}")
+    parser.add_argument("--input-size", type=int, help=f"network input side for --fit resize, a multiple of "
+                        f"2**depth {_default('input_size')}")
+    parser.add_argument("--patience", type=int, help=f"early stopping: epochs without a better val_loss "
+                        f"{_default('patience')}")
+    parser.add_argument("--lr-patience", type=int, help=f"reduce the learning rate after this many epochs "
+                        f"without a better val_loss {_default('lr_patience')}")
+    parser.add_argument("--lr-factor", type=float, help=f"factor of that reduction, in (0, 1) "
+                        f"{_default('lr_factor')}")
+    parser.add_argument("--min-lr", type=float, help=f"the learning rate's floor {_default('min_lr')}")
+    parser.add_argument("--flip", action=argparse.BooleanOptionalAction,
+                        help="add (or, with --no-flip, do not add) the left-right mirror of every training image, "
+                        "doubling the training part (default: add them; quick run on the synthetic set: not)")
+    parser.add_argument("--schedule", choices=SCHEDULES, help="the learning rate: 'plateau' cuts it by "
+                        "--lr-factor after --lr-patience flat epochs (the seed); 'cosine' anneals it from --lr to "
+                        "--min-lr over every --cycle epochs, then restarts, saving snapshot<k>.npz at each cycle's "
+                        f"end and, with two or more, ensemble.npz (give --patience of a cycle or more) "
+                        f"{_default('schedule')}")
+    parser.add_argument("--cycle", type=int, help=f"epochs per cosine cycle {_default('cycle')}")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, help="tune the threshold on "
+                        "validation predictions averaged with those of the mirrored images, and record it so "
+                        "predict.py does the same (default: off; --recipe best: on)")
+    parser.add_argument("--empty-rule", action=argparse.BooleanOptionalAction, help="also tune a minimum "
+                        "predicted area on validation: a smaller predicted mask becomes empty (default: off; "
+                        "--recipe best: on)")
+    parser.add_argument("--flip-mode", choices=FLIP_MODES, help="'double': append every training image's "
+                        "mirror (the seed); 'random': mirror each image of every batch with probability 1/2, "
+                        f"so an epoch costs half {_default('flip_mode')}")
+    parser.add_argument("--limit", type=int, help="train on a random subset of this many images (by --seed) "
+                        "(default: all)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bar (it also hides itself when the output is not a terminal)")
+    parser.add_argument("--no-plots", dest="plots", action="store_false",
+                        help="skip the PNG plots after training (default: write them)")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    args = vars(parser.parse_args(argv))
+    if args.get("preset") == "seed":
+        args["preset"] = "recipe"  # the seed recipe is TrainConfig's own defaults
+    debug = args.pop("debug", False)
+    return args, debug
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """``python train.py`` / ``tinyunet-train``: the exit status (0, 2 for a user's mistake, 1 when the
+    loss diverged, 130 on Ctrl-C)."""
+    given, debug = parse_train_args(argv)
+    # Imported after parsing, so --help stays fast and light.
+    from tinyunet.backend import GPUUnavailableError
+    from tinyunet.checkpoint import CheckpointError
+    from tinyunet.data import DataError
+    from tinyunet.runs import RunError
+    from tinyunet.training import TrainingDiverged, TrainingInterrupted, train
+
+    try:
+        config = build_config(given)
+        if config.folds > 1 and config.fold is None:
+            from tinyunet.folds import train_folds
+
+            train_folds(config)
+        else:
+            train(config)
+    except (ConfigError, RunError, DataError, CheckpointError, GPUUnavailableError) as err:
+        if debug:
+            raise
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return EXIT_USAGE
+    except TrainingDiverged as err:
+        if debug:
+            raise
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except TrainingInterrupted as err:
+        if debug:
+            raise
+        print(f"\n{err}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # before training started (e.g. while reading the data)
+        if debug:
+            raise
+        print("\ninterrupted (Ctrl-C) before training started; no checkpoint was written or changed", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -88,5 +275,5 @@ def predict_main(argv: list[str] | None = None) -> int:
             raise
         print("error: interrupted (a submission file is either complete or as it was before)",
               file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     return 0

@@ -31,8 +31,10 @@ from tinyunet.ensemble import save_ensemble
 from tinyunet.models import load_model
 from tinyunet.parallel import DataParallel
 from tinyunet.pipeline import probabilities
-from tinyunet.training import (EVAL_BATCH, TrainConfig, build_config, new_run_folder, prepare_data, resolve_data, say,
-                               train, tune_postprocessing, validate)
+from tinyunet.config import TrainConfig, build_config, validate
+from tinyunet.prepare import prepare_data, resolve_data
+from tinyunet.runs import new_run_folder
+from tinyunet.training import EVAL_BATCH, say, train, tune_postprocessing
 
 
 def _finished(folder: Path) -> bool:

@@ -35,10 +35,10 @@ from pathlib import Path
 import numpy as np
 
 from tinyunet.backend import as_array, as_numpy, get_array_module
-from tinyunet.data import resize
 from tinyunet.layers import Conv2D, sigmoid
 from tinyunet.losses import binary_crossentropy
 from tinyunet.pipeline import to_network
+from tinyunet.transforms import resize
 
 EXIT_USAGE = 2  # bad input a user can fix: a missing model or image, an unknown layer name
 DEFAULT_LAYERS = ("enc1.relu2", "enc2.relu2", "bridge.relu2", "dec2.relu2", "dec1.relu2")

@@ -13,7 +13,7 @@ the three can never disagree about the geometry.
 from __future__ import annotations
 
 from tinyunet.backend import as_numpy, get_array_module, map_batches
-from tinyunet.data import crop, hflip, pad_to_multiple, resize
+from tinyunet.transforms import crop, hflip, pad_to_multiple, resize
 from tinyunet.layers import sigmoid
 
 FITS = ("resize", "pad")

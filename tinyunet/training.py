@@ -1,6 +1,6 @@
 """The training loop behind ``train.py``: the seed recipe, from the data folder to a run folder.
 
-    config = build_config({"epochs": 10})   # the flags given; the rest from the defaults below
+    config = build_config({"epochs": 10})   # tinyunet.config: the flags given, the rest from the defaults
     run = train(config)                      # -> Path of the run folder
 
 One epoch, as the recipe has it::
@@ -18,12 +18,8 @@ After the last epoch (or an early stop) the weights of best.npz predict the vali
 thresholds are swept with the competition metric, and the best one goes into best.npz's metadata,
 which is what predict.py uses. Then the plots and a summary.
 
-The run folder::
-
-    runs/<name>/  best.npz  last.npz  history.csv
-                  learning_curves.png  threshold_sweep.png  val_predictions.png  coverage.png
-    runs/latest   the newest run folder's path relative to runs/, written when a run starts (a run
-                  folder outside runs/ gets the file in its own parent folder)
+The run folder (best.npz, last.npz, history.csv, the plots, runs/latest) is :mod:`tinyunet.runs`; the
+data is found, split and fitted by :mod:`tinyunet.prepare`.
 
 Exact resume: every random draw is a function of (seed, epoch): the initial weights of the seed, the
 shuffle of ``np.random.default_rng([seed, epoch])`` and the dropout masks of
@@ -44,124 +40,34 @@ are checked: a NaN or infinite loss stops training at once, naming the epoch and
 from __future__ import annotations
 
 import math
-import os
-import secrets
 import time
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from tinyunet.backend import as_array, as_numpy
-from tinyunet.blocks import BLOCKS
 from tinyunet.callbacks import CosineAnnealing, EarlyStopping, ModelCheckpoint, ReduceLROnPlateau
-from tinyunet.checkpoint import (CheckpointError, load_checkpoint, remove_stale_temporaries, save_checkpoint,
-                                 temporary_path)
-from tinyunet.data import (DataError, augment_hflip, check_finite, coverage, coverage_class, fingerprint, load_train,
-                           minibatches, stratified_folds, stratified_split)
+from tinyunet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from tinyunet.config import (FIXED_ON_RESUME, MIN_AREAS, MONITORS, QUICK, ConfigError, TrainConfig, config_from_args,
+                             dropout_rates, flag, validate)
+from tinyunet.data import DataError
 from tinyunet.ensemble import save_ensemble
+from tinyunet.files import remove_stale_temporaries
 from tinyunet.layers import sigmoid
-from tinyunet.losses import LOSSES, get_loss, pixel_accuracy
+from tinyunet.losses import get_loss, pixel_accuracy
 from tinyunet.metrics import best_postprocessing, best_threshold, competition_score, drop_small, threshold_sweep
 from tinyunet.models import load_into
 from tinyunet.optim import Adam
 from tinyunet.parallel import DataParallel
-from tinyunet.pipeline import FITS, from_network, probabilities, to_network
-from tinyunet.unet import UNet, default_dropout
+from tinyunet.pipeline import from_network, probabilities
+from tinyunet.prepare import Prepared, prepare_data, resolve_data
+from tinyunet.runs import open_resume, prepare_run_folder, write_history, write_latest
+from tinyunet.transforms import minibatches
+from tinyunet.unet import UNet
 
-# --------------------------------------------------------------------------------------------
-# Every default in one place
-# --------------------------------------------------------------------------------------------
-
-@dataclass
-class TrainConfig:
-    """Every training setting, with the seed recipe's values as defaults."""
-
-    data: str | None = None  # folder or zip in Kaggle's layout; None: ./data/... or the synthetic set
-    gpu: bool = False  # train on CuPy
-    threads: int | None = None  # CPU threads sharing every batch (tinyunet.parallel); None: every usable core
-    epochs: int = 40  # total epochs (a resumed run counts the ones already done)
-    batch_size: int = 8
-    features: int = 8  # filters at the top level, doubled per level down
-    depth: int = 4  # levels down (and up)
-    dropout: tuple[float, ...] | None = None  # per level; None: the recipe's, cut (or extended with its last) to depth
-    block: str = "double"  # each level's two convs: "double" (the seed), "double_bn", "residual" (tinyunet.blocks)
-    loss: str = "bce"  # the training loss, by name (tinyunet.losses.LOSSES)
-    loss2: str | None = None  # a second loss from epoch loss2_epoch on (e.g. BCE first, then "lovasz")
-    loss2_epoch: int = 0  # the first epoch (counting from 1) trained with loss2
-    monitor: str = "val_loss"  # what early stopping, the best checkpoint and the LR cut watch: or "val_score"
-    lr: float = 1e-3  # Adam's learning rate
-    val_split: float = 0.2  # validation share, stratified by coverage class (unless fold is set)
-    folds: int = 1  # > 1: k-fold cross-validation, one run per fold (tinyunet.folds)
-    fold: int | None = None  # with folds > 1: this run validates on fold `fold` (0 .. folds-1) of the k-fold split
-    seed: int = 0  # weights, split, shuffles, dropout: all drawn from it
-    out: str | None = None  # run folder; None: runs/<YYYYmmdd-HHMMSS>
-    resume: str | None = None  # a run folder (or its last.npz) to continue
-    fit: str = "resize"  # how images meet the network: "resize" to input_size, or reflect-"pad"
-    input_size: int = 128  # network input side with fit="resize"; a multiple of 2**depth
-    patience: int = 7  # EarlyStopping on val_loss
-    lr_patience: int = 5  # ReduceLROnPlateau on val_loss
-    lr_factor: float = 0.1
-    min_lr: float = 1e-5
-    schedule: str = "plateau"  # "plateau": x lr_factor after lr_patience flat epochs; "cosine": warm restarts
-    cycle: int = 10  # epochs per cosine cycle; the end of each saves snapshot<k>.npz, an ensemble member
-    flip: bool = True  # left-right mirrors of the training images, as flip_mode says
-    flip_mode: str = "double"  # "double": every mirror appended (the seed); "random": each image mirrored
-    #                            with probability 1/2 in every epoch's batches (half the epoch's cost)
-    limit: int | None = None  # use only this many training images (a random subset by seed)
-    preset: str = "recipe"  # which defaults apply: "recipe" (the seed's), "best" (BEST over them), or "quick"
-    #                         (QUICK, for the built-in synthetic set)
-    tta: bool = False  # predict validation (and, recorded in best.npz, test) images also mirrored, averaged
-    empty_rule: bool = False  # tune a minimum predicted area on validation; smaller masks become empty
-    progress: bool = True  # tqdm bar (it hides itself when the output is not a terminal)
-    plots: bool = True  # write the PNGs after training
-
-
-# The quick run: `python train.py` with no data on the machine trains on the built-in synthetic set with
-# these settings over the recipe's (flags override them), sized for under 10 minutes on 2 CPU cores
-# (measured: see README, "The quick run"):
-# - 64 x 64 input: the smooth synthetic masks survive 101 -> 64 -> 101 (all 4000 score 1.0), and a
-#   step costs a third of 128 x 128;
-# - 4000 generated images and no flips: synthetic images are free, so fresh ones replace mirror copies;
-# - no dropout: over 13 epochs of 3200 fresh images, training and validation loss stay together (0.050
-#   and 0.065 at the end), so there is nothing for it to regularise;
-# - 13 epochs, the LR cut (x0.1) after 2 flat epochs: late in a run at 1e-3 the validation loss jumps every
-#   few epochs, and each epoch at 1e-4 after a cut adds about 0.01-0.04. Single runs of 12 epochs ended at
-#   0.79-0.82 depending on when the cut came (the trajectory differs between BLAS thread counts); 14 epochs
-#   gave 0.836 but can take over 10 minutes when a 2-core machine is slow.
-QUICK: dict[str, Any] = {"epochs": 13, "input_size": 64, "dropout": (0.0, 0.0, 0.0, 0.0), "flip": False,
-                         "patience": 5, "lr_patience": 2}
-
-# The best recipe measured on the real TGS data (docs/accuracy.md; python train.py --recipe best --data DIR):
-# a residual U-Net with BatchNorm at 16 filters, reflect-padded 101 -> 112 instead of resized, random mirrors
-# instead of doubled ones (half the epoch), BCE and then the per-image Lovász hinge, the best checkpoint by
-# the competition score, flip TTA and the empty-mask rule tuned on validation.
-BEST: dict[str, Any] = {"block": "residual", "features": 16, "fit": "pad", "flip_mode": "random", "loss": "bce",
-                        "loss2": "lovasz", "loss2_epoch": 31, "monitor": "val_score", "epochs": 60, "patience": 12,
-                        "lr_patience": 6, "tta": True, "empty_rule": True}
-PRESETS = ("recipe", "best", "quick")
-
-SYNTHETIC_DIR = Path("data/synthetic")  # generated here (once) when no data is found
-SYNTHETIC_SIZE = {"n_train": 4000, "n_test": 200}  # images written into SYNTHETIC_DIR (19-20 s measured on 2 cores)
-REAL_DATA = (Path("data/tgs-salt-identification-challenge.zip"), Path("data/tgs-salt"))  # looked for first
-RUNS_DIR = Path("runs")  # default parent of the run folders
-HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "val_score", "lr", "seconds")
 EVAL_BATCH = 32  # images per forward pass when validating
-MIN_AREAS = (0, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 400, 500, 700, 1000)  # empty-mask rule candidates (px)
 GPU_SYNC_EVERY = 20  # steps between host syncs on a GPU (progress bar, NaN check)
-
-# Settings that decide the model, the split or the geometry: a resumed run must keep them.
-FIXED_ON_RESUME = ("features", "depth", "dropout", "block", "fit", "input_size", "val_split", "seed", "flip",
-                   "flip_mode", "limit", "folds", "fold")
-FLIP_MODES = ("double", "random")
-SCHEDULES = ("plateau", "cosine")
-MONITORS = {"val_loss": "min", "val_score": "max"}  # a monitored value and the direction it improves in
-
-
-class ConfigError(ValueError):
-    """A setting has a value training cannot use; the message is one line saying which and why."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -177,275 +83,6 @@ class TrainingInterrupted(KeyboardInterrupt):
 
     def __str__(self) -> str:
         return self.message
-
-
-# --------------------------------------------------------------------------------------------
-# Building and checking a config
-# --------------------------------------------------------------------------------------------
-
-def flag(name: str) -> str:
-    """The command-line spelling of a config field: ``batch_size`` -> ``--batch-size``."""
-    return "--" + name.replace("_", "-")
-
-
-def found_data() -> Path | None:
-    """The competition zip or folder under ./data, if one is there."""
-    return next((path for path in REAL_DATA if path.exists()), None)
-
-
-def build_config(given: Mapping[str, Any] | None = None) -> TrainConfig:
-    """A config from the settings ``given`` (field name -> value); the others come from the defaults.
-
-    * With ``resume``: the run's own settings (from its last.npz), then the given ones on top.
-    * Without ``data``: the competition data under ./data when there, with the recipe's defaults;
-      otherwise the built-in synthetic set with :data:`QUICK` over the recipe's defaults.
-    """
-    given = {key: value for key, value in (given or {}).items() if value is not None}
-    unknown = set(given) - {f.name for f in fields(TrainConfig)}
-    if unknown:
-        raise ConfigError(f"unknown setting(s) {', '.join(sorted(unknown))}")
-    if "dropout" in given:
-        given["dropout"] = tuple(given["dropout"])
-    if given.get("resume"):
-        _, checkpoint = open_resume(given["resume"])
-        saved = config_from_args(checkpoint.meta.get("args"), checkpoint.path)
-        return replace(saved, **{"out": None, **given})  # the run continues in its own folder
-    if given.get("preset") == "best":  # the named recipe, on whatever data
-        return replace(TrainConfig(), **{**BEST, **given})
-    if given.get("data") is None:
-        real = found_data()
-        if real is not None:
-            given["data"] = str(real)
-        else:
-            return replace(TrainConfig(), **{**QUICK, "preset": "quick", **given})
-    return replace(TrainConfig(), **given)
-
-
-def config_from_args(args: Any, where: Path) -> TrainConfig:
-    """The TrainConfig stored in a checkpoint's ``meta["args"]``."""
-    if not isinstance(args, dict):
-        raise CheckpointError(f"{where} holds no training settings (meta 'args'); it was not written by "
-                              "train.py: start a new run instead of resuming")
-    known = {f.name for f in fields(TrainConfig)}
-    values = {key: value for key, value in args.items() if key in known}
-    if isinstance(values.get("dropout"), list):
-        values["dropout"] = tuple(values["dropout"])
-    return replace(TrainConfig(), **values)
-
-
-def dropout_rates(config: TrainConfig) -> tuple[float, ...]:
-    """The dropout rate of each level: the config's, or :data:`DROPOUT` fitted to the depth."""
-    if config.dropout is not None:
-        return tuple(float(rate) for rate in config.dropout)
-    return default_dropout(config.depth)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-
-
-def validate(config: TrainConfig) -> None:
-    """Raise ConfigError (one line, naming the flag) for the first setting training cannot use."""
-
-    def need(ok: bool, name: str, rule: str) -> None:
-        if not ok:
-            raise ConfigError(f"{flag(name)} {getattr(config, name)!r} is invalid: {rule}")
-
-    for name in ("epochs", "batch_size", "features", "depth"):
-        need(_is_int(getattr(config, name)) and getattr(config, name) >= 1, name, "it must be a whole number >= 1")
-    need(config.depth <= 8, "depth", "it must be at most 8 (the image is halved at every level)")
-    for name in ("lr", "val_split", "lr_factor", "min_lr"):
-        need(_is_number(getattr(config, name)) and math.isfinite(getattr(config, name)), name, "it must be a number")
-    need(config.lr > 0, "lr", "the learning rate must be > 0, e.g. 1e-3")
-    need(0 < config.val_split < 1, "val_split", "the validation share must be between 0 and 1, e.g. 0.2")
-    for name in ("patience", "lr_patience"):
-        need(_is_int(getattr(config, name)) and getattr(config, name) >= 0, name, "it must be a whole number >= 0")
-    need(0 < config.lr_factor < 1, "lr_factor", "it must be between 0 and 1, e.g. 0.1")
-    need(config.min_lr >= 0, "min_lr", "it must be >= 0")
-    need(_is_int(config.seed) and config.seed >= 0, "seed", "it must be a whole number >= 0")
-    need(config.fit in FITS, "fit", f"choose one of {', '.join(FITS)}")
-    need(_is_int(config.input_size) and config.input_size >= 1, "input_size", "it must be a whole number >= 1")
-    step = 2 ** config.depth
-    if config.fit == "resize" and config.input_size % step:
-        nearest = max(step, step * round(config.input_size / step))
-        raise ConfigError(f"--input-size {config.input_size} is invalid: with --depth {config.depth} it must be "
-                          f"a multiple of 2**depth = {step}, e.g. {nearest}")
-    need(config.limit is None or (_is_int(config.limit) and config.limit >= 2), "limit",
-         "it must be a whole number >= 2 (a training and a validation image at least)")
-    rates = dropout_rates(config)
-    if len(rates) != config.depth or not all(0 <= rate < 1 for rate in rates):
-        shown = ",".join(f"{rate:g}" for rate in rates)
-        raise ConfigError(f"--dropout {shown} is invalid: give one rate in [0, 1) per level, comma-separated "
-                          f"({config.depth} at --depth {config.depth})")
-    need(config.preset in PRESETS, "preset", f"choose one of {', '.join(PRESETS)}")
-    need(config.block in BLOCKS, "block", f"choose one of {', '.join(BLOCKS)}")
-    need(config.loss in LOSSES, "loss", f"choose one of {', '.join(LOSSES)}")
-    need(config.loss2 is None or config.loss2 in LOSSES, "loss2", f"choose one of {', '.join(LOSSES)}")
-    need(_is_int(config.loss2_epoch) and config.loss2_epoch >= 0, "loss2_epoch", "it must be a whole number >= 0")
-    need(config.monitor in MONITORS, "monitor", f"choose one of {', '.join(MONITORS)}")
-    need(config.flip_mode in FLIP_MODES, "flip_mode", f"choose one of {', '.join(FLIP_MODES)}")
-    need(config.schedule in SCHEDULES, "schedule", f"choose one of {', '.join(SCHEDULES)}")
-    need(_is_int(config.cycle) and config.cycle >= 1, "cycle", "it must be a whole number >= 1")
-    need(_is_int(config.folds) and 1 <= config.folds <= 20, "folds", "it must be a whole number from 1 (no "
-         "cross-validation) to 20")
-    need(config.fold is None or (_is_int(config.fold) and 0 <= config.fold < config.folds), "fold",
-         f"it must be a fold number from 0 to {config.folds - 1} (with --folds {config.folds})")
-    need(config.threads is None or (_is_int(config.threads) and config.threads >= 1), "threads",
-         "it must be a whole number >= 1 (or leave it out to use every core)")
-
-
-# --------------------------------------------------------------------------------------------
-# The run folder
-# --------------------------------------------------------------------------------------------
-
-def open_resume(path: str | os.PathLike):
-    """``(run folder, last.npz Checkpoint)`` of the run to resume; CheckpointError when there is none."""
-    path = Path(path)
-    if path.is_file() and path.suffix == ".npz":
-        path = path.parent
-    if not path.is_dir():
-        raise CheckpointError(f"--resume {path}: no such run folder; give a folder written by train.py "
-                              f"(it holds last.npz), e.g. {RUNS_DIR}/<name>")
-    last = path / "last.npz"
-    if not last.is_file():
-        raise CheckpointError(f"--resume {path}: the folder has no last.npz (it is saved after every epoch), so "
-                              "there is nothing to resume; start a new run")
-    return path, load_checkpoint(last)
-
-
-def new_run_folder() -> Path:
-    """runs/<YYYYmmdd-HHMMSS> (with -2, -3, ... when taken), not yet created."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run = RUNS_DIR / stamp
-    n = 2
-    while run.exists():
-        run = RUNS_DIR / f"{stamp}-{n}"
-        n += 1
-    return run
-
-
-def prepare_run_folder(out: str | os.PathLike | None, resuming: bool) -> Path:
-    """Create (or check) the run folder and prove it writable; ConfigError when it is not."""
-    run = Path(out) if out is not None else new_run_folder()
-    if run.exists() and not run.is_dir():
-        raise ConfigError(f"--out {run} is a file, not a folder: choose a folder for the run")
-    if not resuming and (run / "last.npz").exists():
-        raise ConfigError(f"--out {run} already holds a run (last.npz): continue it with --resume {run}, "
-                          "or choose another --out")
-    try:
-        run.mkdir(parents=True, exist_ok=True)
-        probe = run / f".write-test-{os.getpid()}-{secrets.token_hex(4)}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(f"cannot write to the output folder {run} ({err.strerror or err}): "
-                          "choose another --out") from None
-    return run
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = temporary_path(path)
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_latest(run: Path) -> Path:
-    """Write ``runs/latest`` holding the run folder's path relative to ``runs/``, for predict.py.
-
-    A run folder outside ./runs gets the ``latest`` file in its own parent folder instead.
-    """
-    runs = RUNS_DIR.resolve()
-    where = run.resolve()
-    home = runs if where.is_relative_to(runs) and where != runs else where.parent
-    latest = home / "latest"
-    _write_text_atomic(latest, where.relative_to(home).as_posix() + "\n")
-    return latest
-
-
-def write_history(path: Path, history: list[dict]) -> None:
-    """history.csv, one row per epoch, rewritten whole (atomically) after every epoch."""
-    lines = [",".join(HISTORY_COLUMNS)]
-    lines += [",".join(repr(row[column]) for column in HISTORY_COLUMNS) for row in history]
-    _write_text_atomic(path, "\n".join(lines) + "\n")
-
-
-# --------------------------------------------------------------------------------------------
-# Data
-# --------------------------------------------------------------------------------------------
-
-def resolve_data(config: TrainConfig, say) -> Path:
-    """The data path to train on; generates the synthetic set into ./data/synthetic when needed."""
-    if config.data is not None:
-        return Path(config.data)
-    real = found_data()
-    if real is not None:
-        return real
-    if not SYNTHETIC_DIR.exists():
-        from tinyunet.synth import generate  # only when the synthetic set is needed
-
-        say(f"no data given and none under ./data: generating the built-in synthetic set "
-            f"({SYNTHETIC_SIZE['n_train']} training + {SYNTHETIC_SIZE['n_test']} test images) into "
-            f"{SYNTHETIC_DIR} ...")
-        started = time.perf_counter()
-        generate(SYNTHETIC_DIR, **SYNTHETIC_SIZE)
-        say(f"  done in {time.perf_counter() - started:.1f}s")
-    return SYNTHETIC_DIR
-
-
-@dataclass
-class Prepared:
-    """The data of a run, split, fitted to the network and (for training) on the model's device."""
-
-    ids: list[str]  # every image used, sorted
-    fingerprint: str
-    train_idx: np.ndarray  # indices into ids
-    val_idx: np.ndarray
-    x_train: Any  # (2N or N, S, S', 1) on the device, flips appended
-    y_train: Any  # (.., S, S', 1) soft targets in [0, 1]
-    x_val: Any  # (M, S, S', 1) on the device
-    y_val: Any
-    box: Any  # what undoes the fit (pad: the crop box; resize: None)
-    val_images: Any  # (M, H, W) at the original size, on the device
-    val_truth: Any  # (M, H, W) bool on the device
-    coverage: np.ndarray = field(repr=False)  # (N,) of every image used
-
-
-def prepare_data(config: TrainConfig, path: Path, xp, dtype) -> Prepared:
-    """Load, check, subset, split, fit and move the data to the device (once)."""
-    data = load_train(path)
-    ids, images, masks = data.ids, data.images, data.masks
-    if config.limit is not None and config.limit < len(ids):
-        keep = np.sort(np.random.default_rng(config.seed).choice(len(ids), config.limit, replace=False))
-        ids, images, masks = [ids[i] for i in keep], images[keep], masks[keep]
-    check_finite(images, f"the images of {path}")
-    if len(ids) < 2:
-        raise DataError(f"{path} holds {len(ids)} training image(s): training needs at least 2 "
-                        "(one for training, one for validation)")
-    cov = coverage(masks)
-    if config.fold is None:
-        train_idx, val_idx = stratified_split(coverage_class(cov), config.val_split, config.seed)
-    else:
-        train_idx, val_idx = stratified_folds(coverage_class(cov), config.folds, config.seed)[config.fold]
-    x_train, box = to_network(images[train_idx], config.fit, config.input_size, config.depth)  # (N, S, S', 1)
-    y_train, _ = to_network(masks[train_idx], config.fit, config.input_size, config.depth)
-    if config.flip and config.flip_mode == "double":
-        x_train, y_train = augment_hflip(x_train, y_train)  # (2N, S, S', 1): originals, then mirrors
-    x_val, _ = to_network(images[val_idx], config.fit, config.input_size, config.depth)
-    y_val, _ = to_network(masks[val_idx], config.fit, config.input_size, config.depth)
-
-    def dev(a):
-        return as_array(np.ascontiguousarray(a, dtype=dtype), xp)
-
-    return Prepared(ids=ids, fingerprint=fingerprint(ids, images, masks), train_idx=train_idx, val_idx=val_idx,
-                    x_train=dev(x_train), y_train=dev(y_train), x_val=dev(x_val), y_val=dev(y_val), box=box,
-                    val_images=dev(images[val_idx]), val_truth=as_array(masks[val_idx] > 0.5, xp), coverage=cov)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,105 @@
+"""Array work on image stacks, NumPy or CuPy alike: bilinear resize, pad and crop, flips, minibatches.
+
+Every function takes (N, H, W) or (N, H, W, C) arrays and starts with ``xp = get_array_module(x)``;
+nothing here reads files, so this module needs NumPy alone (no Pillow).
+
+Notation: N images, H x W pixels, C channels, OH x OW the output size of a resize.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from tinyunet.backend import get_array_module
+
+
+# --------------------------------------------------------------------------------------------
+# Resizing, padding, flips
+# --------------------------------------------------------------------------------------------
+
+def _resize_axis(x, axis: int, out: int):
+    """Bilinear resize of one axis of ``x`` to length ``out`` (half-pixel centres)."""
+    xp = get_array_module(x)
+    n_in = x.shape[axis]
+    # source coordinate of each output pixel centre; clamped, so the edges repeat (no zero padding)
+    src = xp.clip((xp.arange(out, dtype=xp.float64) + 0.5) * (n_in / out) - 0.5, 0, n_in - 1)
+    i0 = xp.floor(src).astype(xp.int64)  # (out,)
+    i1 = xp.minimum(i0 + 1, n_in - 1)  # (out,)
+    shape = [1] * x.ndim
+    shape[axis] = out
+    w = (src - i0).astype(x.dtype).reshape(shape)  # weight of i1
+    lo = xp.take(x, i0, axis=axis)
+    hi = xp.take(x, i1, axis=axis)
+    return lo + (hi - lo) * w
+
+
+def resize(x, size: int | tuple[int, int]):
+    """Bilinear resize of (N, H, W) or (N, H, W, C) to (N, OH, OW[, C]); NumPy or CuPy.
+
+    Pixel centres sit at half-integers (``align_corners=False``, as PIL, skimage and TF2 do) and
+    the edges repeat. Upsampling matches PIL's bilinear filter (to float32 rounding). Downsampling
+    does no antialiasing (like TF2's default and OpenCV): PIL widens its filter, so 128 -> 101
+    differs from PIL by about 0.005 on smooth images but up to 0.3 on pixel noise. Floating dtypes
+    are kept; other dtypes become float32. Always returns a new array.
+    """
+    xp = get_array_module(x)
+    oh, ow = (size, size) if isinstance(size, int) else size
+    if x.dtype.kind != "f":
+        x = x.astype(xp.float32)
+    out = x if oh == x.shape[1] else _resize_axis(x, 1, oh)  # (N, OH, W[, C])
+    out = out if ow == x.shape[2] else _resize_axis(out, 2, ow)  # (N, OH, OW[, C])
+    return out.copy() if out is x else out
+
+
+def pad_to_multiple(x, multiple: int, mode: str = "reflect"):
+    """Pad H and W of (N, H, W[, C]) up to multiples of ``multiple`` (e.g. 2**depth).
+
+    Returns ``(padded, box)`` with ``box = (top, left, H, W)`` for :func:`crop`; the padding is
+    split evenly, the odd pixel going to the bottom / right. ``mode`` is any of ``xp.pad``'s.
+    """
+    xp = get_array_module(x)
+    h, w = x.shape[1:3]
+    ph, pw = -h % multiple, -w % multiple
+    top, left = ph // 2, pw // 2
+    widths = [(0, 0), (top, ph - top), (left, pw - left)] + [(0, 0)] * (x.ndim - 3)
+    return xp.pad(x, widths, mode=mode), (top, left, h, w)
+
+
+def crop(x, box: tuple[int, int, int, int]):
+    """Undo :func:`pad_to_multiple`: (N, H', W'[, C]) -> (N, H, W[, C]) with box (top, left, H, W)."""
+    top, left, h, w = box
+    return x[:, top: top + h, left: left + w]
+
+
+def hflip(x):
+    """Mirror (N, H, W) or (N, H, W, C) left to right (a new contiguous array)."""
+    xp = get_array_module(x)
+    return xp.ascontiguousarray(x[:, :, ::-1])
+
+
+def augment_hflip(images, masks):
+    """The seed's augmentation: the originals followed by their mirror images (2N of each)."""
+    xp = get_array_module(images)
+    return (xp.concatenate([images, hflip(images)]),
+            xp.concatenate([masks, hflip(masks)]))
+
+
+# --------------------------------------------------------------------------------------------
+# Batches
+# --------------------------------------------------------------------------------------------
+
+def minibatches(n: int, batch_size: int, rng: np.random.Generator | None = None,
+                shuffle: bool = True) -> Iterator[np.ndarray]:
+    """Yield int64 index arrays covering ``range(n)`` once, shuffled by ``rng`` when ``shuffle``.
+
+    The last batch may be smaller.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if shuffle and rng is None:
+        raise ValueError("minibatches(shuffle=True) needs an rng (np.random.default_rng(seed))")
+    order = rng.permutation(n) if shuffle else np.arange(n)
+    for start in range(0, n, batch_size):
+        yield order[start: start + batch_size]
