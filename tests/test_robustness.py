@@ -82,7 +82,7 @@ _SLOW_WRITE = textwrap.dedent("""
     import io, os, sys, time, runpy
     from pathlib import Path
     import numpy as np
-    from tinyunet import prepare
+    from tinyunet import training
     script, target, k, marker = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
     real_save, real_savez, state = training.save_checkpoint, np.savez, {"path": None, "n": 0}
 
