@@ -111,12 +111,13 @@ def test_read_image_16bit_scales_by_65535():
     np.testing.assert_allclose(data.read_image(png), values / 65535, atol=1e-6)
 
 
-def test_read_image_colour_becomes_luma():
+def test_read_image_colour_stays_rgb_and_its_luma_is_pils():
     rgb = np.zeros((2, 2, 3), np.uint8)
     rgb[0, 0] = (255, 0, 0)
     rgb[1, 1] = (0, 0, 255)
     image = data.read_image(png_bytes(rgb))
-    np.testing.assert_allclose(image, [[0.299, 0], [0, 0.114]], atol=1e-6)
+    np.testing.assert_allclose(image, rgb / 255, atol=1e-6)
+    np.testing.assert_allclose(data.luma(image), [[0.299, 0], [0, 0.114]], atol=1e-6)
 
 
 def test_read_image_from_path(tmp_path):
@@ -265,7 +266,7 @@ def test_missing_path_empty_folder_and_not_a_zip(tmp_path):
 
 def test_not_kaggle_layout_says_what_it_found(tmp_path):
     write_folder(tmp_path / "d", {"images/a.png": png_bytes(GRAY), "notes.txt": b""})
-    with pytest.raises(DataError, match=r"has no train/images \(nor train.zip\), it holds images/, notes.txt"):
+    with pytest.raises(DataError, match=r"has images/ but no masks/ beside it, it holds images/, notes.txt"):
         data.load_train(tmp_path / "d")
     path = tmp_path / "z.zip"
     path.write_bytes(zip_bytes({"readme.md": b"x", "other/a.png": b""}))
@@ -344,10 +345,17 @@ def test_damaged_zip_member_is_named(tmp_path, files):
         data.load_train(tmp_path / "d.zip")
 
 
-def test_image_of_another_size_is_named(tmp_path, files):
+def test_images_of_mixed_sizes_load_as_a_list_each_with_its_mask(tmp_path, files):
     files["train/images/03abcdef3.png"] = png_bytes(np.zeros((20, 20), np.uint8))
-    with pytest.raises(DataError, match=r"03abcdef3\.png is 20x20 but .*00abcdef0\.png is 13x11"):
+    with pytest.raises(DataError, match=r"mask .*03abcdef3\.png is 13x11 but its image is 20x20"):
         data.load_train(write_folder(tmp_path / "d", files))
+    files["train/masks/03abcdef3.png"] = png_bytes(np.eye(20, dtype=np.uint8) * 255)
+    ts = data.load_train(write_folder(tmp_path / "e", files))
+    assert isinstance(ts.images, list) and isinstance(ts.masks, list)
+    assert [m.shape for m in ts.masks] == [i.shape for i in ts.images]
+    assert ts.images[3].shape == (20, 20) and ts.images[0].shape == (11, 13)
+    np.testing.assert_array_equal(ts.masks[3], np.eye(20))
+    assert data.coverage(ts.masks)[3] == pytest.approx(1 / 20)
 
 
 def test_mask_of_another_size_is_named(tmp_path, files):

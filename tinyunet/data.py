@@ -32,8 +32,10 @@ from tinyunet.backend import as_numpy, get_array_module
 
 LAYOUT_HINT = (
     "expected Kaggle's layout (train/images/<id>.png, train/masks/<id>.png, train.csv, "
-    "test/images/<id>.png) or the competition's zip (train.zip, test.zip, train.csv)"
+    "test/images/<id>.png), the competition's zip (train.zip, test.zip, train.csv), or a plain "
+    "DATA/images/ + DATA/masks/ pair matched by file name (and optionally DATA/test/)"
 )
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")  # what Pillow reads for us; any case
 
 # What PIL raises on a corrupt or truncated PNG (it has no single exception type for it).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error,
@@ -78,10 +80,11 @@ def check_finite(array, what: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 def _decode(source: str | Path | bytes, name: str | None) -> tuple[np.ndarray, int, str, str]:
-    """Decode a PNG to one channel of raw values.
+    """Decode an image file (PNG, JPEG, TIFF, BMP: whatever Pillow reads) to raw values.
 
-    Returns ``(raw, full_scale, mode, name)``: raw (H, W) float32 in 0..full_scale, the PIL mode it
-    was read as and the name to use in messages.
+    Returns ``(raw, full_scale, mode, name)``: raw (H, W) float32 in 0..full_scale for gray (also gray
+    stored as RGB, like the TGS images: exact), (H, W, 3) for colour (alpha dropped), the PIL mode it was
+    read as and the name to use in messages.
     """
     if isinstance(source, bytes):
         data, name = source, name or "<bytes>"
@@ -95,9 +98,11 @@ def _decode(source: str | Path | bytes, name: str | None) -> tuple[np.ndarray, i
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             mode = img.mode
+            if mode in ("CMYK", "YCbCr", "LAB", "HSV"):  # colour in another space: as RGB
+                img, mode = img.convert("RGB"), "RGB"
             if mode not in _FULL_SCALE:
                 raise DataError(f"{name} has PIL mode {mode!r}, which tinyunet does not read: "
-                                "save it as an 8- or 16-bit grayscale PNG")
+                                "save it as an 8- or 16-bit grayscale PNG or as an RGB image")
             if mode in ("P", "PA"):  # palette indices mean nothing: look the colours up
                 img = img.convert("RGBA" if mode == "PA" else "RGB")
             pixels = np.asarray(img)  # (H, W) or (H, W, bands)
@@ -106,11 +111,8 @@ def _decode(source: str | Path | bytes, name: str | None) -> tuple[np.ndarray, i
                         "re-download it or remove it") from None
     if pixels.ndim == 3:
         rgb = pixels[..., :3] if pixels.shape[2] >= 3 else pixels[..., :1]  # drop alpha
-        if (rgb == rgb[..., :1]).all():  # gray stored as RGB (the TGS images): exact
-            raw = rgb[..., 0].astype(np.float32)
-        else:  # ITU-R 601-2 luma, the weights of PIL's convert("L")
-            r, g, b = (rgb[..., i].astype(np.float64) for i in range(3))
-            raw = (0.299 * r + 0.587 * g + 0.114 * b).astype(np.float32)
+        gray = (rgb == rgb[..., :1]).all()  # gray stored as RGB (the TGS images): exact
+        raw = rgb[..., 0].astype(np.float32) if gray else rgb.astype(np.float32)  # (H, W) or (H, W, 3)
     else:
         raw = pixels.astype(np.float32)
     full = _FULL_SCALE[mode]
@@ -121,27 +123,41 @@ def _decode(source: str | Path | bytes, name: str | None) -> tuple[np.ndarray, i
 
 
 def read_image(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
-    """Read a PNG as grayscale float32 (H, W) in [0, 1], whatever its mode.
+    """Read an image as float32 in [0, 1]: (H, W) when it is gray, (H, W, 3) when it has colour.
 
-    8-bit modes (L, P, RGB, RGBA, LA) are divided by 255, 16-bit ones (I;16, I) by 65535; colour
-    images become luma. ``name`` names the file in error messages (default: the path).
+    8-bit modes (L, P, RGB, RGBA, LA) are divided by 255, 16-bit ones (I;16, I) by 65535; alpha is
+    dropped. ``name`` names the file in error messages (default: the path).
     """
     raw, full, _, _ = _decode(source, name)
     return raw / np.float32(full)
 
 
-def read_mask(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
-    """Read a PNG mask as float32 (H, W) in {0, 1}: any value > 0 is salt, whatever the mode.
+def luma(images):
+    """ITU-R 601-2 luma (the weights of PIL's convert("L")) of colour images (..., 3) -> (...)."""
+    xp = get_array_module(images)
+    weights = xp.asarray([0.299, 0.587, 0.114], dtype=xp.float64)
+    return (images.astype(xp.float64) @ weights).astype(images.dtype)
 
-    A mask with more than two distinct values is a DataError that says how it was read.
+
+def read_mask(source: str | Path | bytes, name: str | None = None,
+              threshold: float | None = None) -> np.ndarray:
+    """Read a mask image as float32 (H, W) in {0, 1}; a colour mask counts by its luma.
+
+    Without ``threshold`` any value > 0 is foreground and a mask with more than two distinct values is
+    a DataError that says how it was read; with it (in [0, 1)) a soft mask is binarised: foreground
+    where the value, scaled to [0, 1], is above ``threshold``.
     """
     raw, full, mode, name = _decode(source, name)
+    raw = luma(raw) if raw.ndim == 3 else raw
+    if threshold is not None:
+        return (raw / np.float32(full) > np.float32(threshold)).astype(np.float32)
     values = np.unique(raw)
     if values.size > 2:
         shown = ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if values.size > 6 else "")
         raise DataError(f"mask {name} is not binary: read as PIL mode {mode!r} (0..{full}) it holds "
                         f"{values.size} distinct values ({shown}); a mask needs two values, "
-                        "0 for background and anything > 0 for salt")
+                        "0 for background and anything > 0 for the foreground, or binarise it with "
+                        "--mask-threshold (e.g. 0.5)")
     return (raw > 0).astype(np.float32)
 
 
@@ -246,28 +262,50 @@ class _Layout:
         if not top:
             raise DataError(f"data {'folder' if path.is_dir() else 'zip'} '{path}' is empty: "
                             f"{LAYOUT_HINT}")
-        if len(top) == 1 and top[0].endswith("/") and not self._is_layout(root):
+        if len(top) == 1 and top[0].endswith("/") and self._kind(root) == "other":
             root = root.sub(top[0][:-1])  # a zip (or folder) holding the layout in one folder
         self.root = root
+        self.kind = self._kind(root)
 
     @staticmethod
-    def _is_layout(tree) -> bool:
-        return any(tree.has_dir(f"{part}/images") or tree.has_file(f"{part}.zip")
-                   for part in ("train", "test"))
+    def _kind(tree) -> str:
+        """'kaggle' (train/images or train.zip, test/...), 'plain' (images/ [+ masks/, test/]), 'flat'
+        (image files at the top) or 'other'."""
+        if any(tree.has_dir(f"{part}/images") or tree.has_file(f"{part}.zip") for part in ("train", "test")):
+            return "kaggle"
+        if tree.has_dir("images"):
+            return "plain"
+        return "flat" if any(_is_image_file(name) for name in tree.entries()) else "other"
 
     def part(self, part: str):
-        """The tree of ``part`` ('train' or 'test') whose top holds ``images/`` (and ``masks/``)."""
+        """``(tree, folder)``: the images of ``part`` ('train' or 'test') are ``folder`` in ``tree``
+        (its masks, for 'train', the folder ``masks`` beside them)."""
         root = self.root
+        if self.kind == "plain" and part == "train":
+            if not root.has_dir("masks"):
+                raise DataError(f"data '{root.label}' has images/ but no masks/ beside it, it holds "
+                                f"{', '.join(root.entries()[:8])}: a plain layout pairs DATA/images/<name> "
+                                "with DATA/masks/<name> (see --mask-suffix)")
+            return root, "images"
+        if self.kind == "plain":
+            if root.has_dir("test/images") or root.has_dir("test"):
+                return root, "test/images" if root.has_dir("test/images") else "test"
+            raise DataError(f"data '{root.label}' has no test/ folder of unlabelled images: pass "
+                            f"--data {root.label}/images to predict the training images, or --evaluate")
+        if self.kind == "flat" and part == "test":
+            return root, ""
+        if self.kind == "flat":
+            raise DataError(f"data '{root.label}' holds images but no masks: {LAYOUT_HINT}")
         if root.has_dir(f"{part}/images"):
-            return root.sub(part)
+            return root.sub(part), "images"
         if root.has_file(f"{part}.zip"):
             label = f"{root.label}/{part}.zip"
             self.zips.append(_open_zip(root.read(f"{part}.zip"), label))
             inner = _ZipTree(self.zips[-1], label)
             if inner.has_dir("images"):  # Kaggle's train.zip holds images/ at its top
-                return inner
+                return inner, "images"
             if inner.has_dir(f"{part}/images"):
-                return inner.sub(part)
+                return inner.sub(part), "images"
             raise DataError(f"{label} has no images/ folder: Kaggle's {part}.zip holds "
                             f"images/<id>.png" + (" and masks/<id>.png" if part == "train" else ""))
         shown = ", ".join(root.entries()[:8])
@@ -282,39 +320,60 @@ class _Layout:
             zf.close()
 
 
-def _png_ids(tree, folder: str) -> list[str]:
-    """Sorted ids of the ``<id>.png`` files directly in ``folder``; raises if there are none."""
-    where = f"{tree.label}/{folder}"
-    ids = [check_id(name[:-4], where) for name in tree.entries(folder)
-           if name.endswith(".png") and not name.endswith("/")]
-    if not ids:
-        raise DataError(f"{where} holds no .png files: {LAYOUT_HINT}")
-    return ids
+def _is_image_file(name: str) -> bool:
+    return not name.endswith("/") and name.lower().endswith(IMAGE_SUFFIXES)
 
 
-def _read_stack(tree, folder: str, ids: list[str], reader, shape=None) -> np.ndarray:
-    """Read ``folder/<id>.png`` for every id into one (N, H, W) float32 array.
+def _join(folder: str, name: str) -> str:
+    return f"{folder}/{name}" if folder else name
 
-    All files must share one size: ``shape`` (H, W) when given (the images, for their masks), else
-    the size of the first file.
-    """
-    out = None
-    for i, image_id in enumerate(ids):
-        name = f"{tree.label}/{folder}/{image_id}.png"
-        array = reader(tree.read(f"{folder}/{image_id}.png"), name)  # (H, W)
-        if out is None:
-            shape = shape or array.shape
-            first = name
-            out = np.empty((len(ids),) + tuple(shape), np.float32)  # (N, H, W)
-        if array.shape != tuple(shape):
-            h, w = array.shape
-            if folder == "masks":
-                raise DataError(f"mask {name} is {w}x{h} but its image is {shape[1]}x{shape[0]}: "
-                                "a mask must have its image's size")
-            raise DataError(f"{name} is {w}x{h} but {first} is {shape[1]}x{shape[0]}: all images "
-                            "of a set must share one size; resize or remove the odd ones")
-        out[i] = array
-    return out
+
+def _image_files(tree, folder: str, suffix: str = "") -> dict[str, str]:
+    """id -> file name of the image files directly in ``folder``, sorted by id; the id is the file's stem
+    less ``suffix`` (``cat_01_mask.png`` -> ``cat_01`` with suffix ``_mask``). Raises if there are none."""
+    where = _join(tree.label, folder)
+    files: dict[str, str] = {}
+    for name in tree.entries(folder):
+        if not _is_image_file(name):
+            continue
+        stem = name[: name.rindex(".")]
+        image_id = check_id(stem[: len(stem) - len(suffix)] if suffix and stem.endswith(suffix) else stem, where)
+        if image_id in files:
+            raise DataError(f"{where} holds both {files[image_id]} and {name}, one id {image_id!r}: "
+                            "keep one file per name")
+        files[image_id] = name
+    if not files:
+        raise DataError(f"{where} holds no image files ({', '.join(IMAGE_SUFFIXES)}): {LAYOUT_HINT}")
+    return dict(sorted(files.items()))
+
+
+def as_stack(arrays: list[np.ndarray]):
+    """One (N, H, W[, C]) array when every array has one shape, else the list itself (a set of mixed
+    sizes: each image keeps its own)."""
+    return np.stack(arrays) if len({a.shape for a in arrays}) == 1 else arrays
+
+
+def _read_images(tree, folder: str, files: dict[str, str]):
+    """Read every image file: (N, H, W) float32 for gray, (N, H, W, 3) when any has colour (gray ones
+    repeated into the three channels), or a list of such (H, W[, 3]) arrays when sizes differ."""
+    arrays = [read_image(tree.read(_join(folder, name)), _join(_join(tree.label, folder), name))
+              for name in files.values()]
+    if any(a.ndim == 3 for a in arrays):
+        arrays = [a if a.ndim == 3 else np.repeat(a[..., None], 3, axis=2) for a in arrays]  # (H, W, 3)
+    return as_stack(arrays)
+
+
+def _read_masks(tree, folder: str, files: dict[str, str], images, threshold: float | None):
+    """Read each image's mask (files in the images' order): (N, H, W) float32 in {0, 1}, or a list."""
+    masks = []
+    for name, image in zip(files.values(), images):
+        where = _join(_join(tree.label, folder), name)
+        mask = read_mask(tree.read(_join(folder, name)), where, threshold)  # (H, W)
+        if mask.shape != image.shape[:2]:
+            raise DataError(f"mask {where} is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                            f"{image.shape[1]}x{image.shape[0]}: a mask must have its image's size")
+        masks.append(mask)
+    return as_stack(masks)
 
 
 def _check_same_ids(image_ids: list[str], other_ids: list[str], images: str, other: str) -> None:
@@ -354,20 +413,21 @@ def _read_csv(tree, name: str, columns: tuple[str, ...]) -> dict[str, dict[str, 
     return rows
 
 
-def _masks_from_csv(root, ids: list[str], shape: tuple[int, int]) -> np.ndarray:
-    """Masks (N, H, W) float32 decoded from train.csv's run-length strings, in the order of ``ids``."""
+def _masks_from_csv(root, ids: list[str], images):
+    """Masks decoded from train.csv's run-length strings, in the order of ``ids``, each of its image's
+    size: (N, H, W) float32, or a list when sizes differ."""
     from tinyunet.rle import rle_decode  # the run-length module, needed only for this fallback
 
     rows = _read_csv(root, "train.csv", ("id", "rle_mask"))
     _check_same_ids(ids, list(rows), f"{root.label}/train/images", "row in train.csv")
-    masks = np.empty((len(ids),) + tuple(shape), np.float32)  # (N, H, W)
-    for i, image_id in enumerate(ids):
+    masks = []
+    for image_id, image in zip(ids, images):
         try:
-            masks[i] = rle_decode(rows[image_id]["rle_mask"] or "", shape)
+            masks.append(rle_decode(rows[image_id]["rle_mask"] or "", image.shape[:2]).astype(np.float32))
         except ValueError as err:
             raise DataError(f"train.csv's run-length string for id {image_id} is invalid ({err}): "
                             "fix that row or give train/masks") from None
-    return masks
+    return as_stack(masks)
 
 
 def _read_depths(root, ids: list[str]) -> np.ndarray | None:
@@ -395,29 +455,34 @@ class TrainSet:
     """A labelled set, sorted by id."""
 
     ids: list[str]
-    images: np.ndarray  # (N, H, W) float32 in [0, 1]
-    masks: np.ndarray  # (N, H, W) float32 in {0, 1}
+    images: np.ndarray | list  # (N, H, W) gray or (N, H, W, C) float32 in [0, 1]; a list of them if sizes differ
+    masks: np.ndarray | list  # (N, H, W) float32 in {0, 1}; a list of (H, W) if sizes differ
     depths: np.ndarray | None = None  # (N,) float32 from depths.csv, NaN where it has no row
 
     def __len__(self) -> int:
         return len(self.ids)
 
 
-def load_train(path: str | Path) -> TrainSet:
-    """Read the training images and masks of Kaggle's layout from a folder or a zip.
+def load_train(path: str | Path, mask_suffix: str = "", mask_threshold: float | None = None) -> TrainSet:
+    """Read the training images and masks of Kaggle's layout, or of a plain ``images/`` + ``masks/``
+    pair, from a folder or a zip.
 
-    Masks come from ``train/masks``, or from ``train.csv``'s run-length strings where that folder
-    is missing. Raises DataError (one line) on any problem with the files.
+    Images and masks are matched by file stem, a mask's stem less ``mask_suffix`` (``a_mask.png`` for
+    ``a.jpg`` with ``"_mask"``). In Kaggle's layout masks come from ``train/masks``, or from
+    ``train.csv``'s run-length strings where that folder is missing. ``mask_threshold`` binarises soft
+    masks (:func:`read_mask`). Raises DataError (one line) on any problem with the files.
     """
     with _Layout(path) as layout:
-        train = layout.part("train")
-        ids = _png_ids(train, "images")
-        images = _read_stack(train, "images", ids, read_image)  # (N, H, W)
+        train, folder = layout.part("train")
+        files = _image_files(train, folder)
+        ids = list(files)
+        images = _read_images(train, folder, files)  # (N, H, W[, C]) or a list
         if train.has_dir("masks"):
-            _check_same_ids(ids, _png_ids(train, "masks"), f"{train.label}/images", "mask")
-            masks = _read_stack(train, "masks", ids, read_mask, shape=images.shape[1:])
+            mask_files = _image_files(train, "masks", mask_suffix)
+            _check_same_ids(ids, list(mask_files), _join(train.label, folder), "mask")
+            masks = _read_masks(train, "masks", {i: mask_files[i] for i in ids}, images, mask_threshold)
         elif layout.root.has_file("train.csv"):
-            masks = _masks_from_csv(layout.root, ids, images.shape[1:])
+            masks = _masks_from_csv(layout.root, ids, images)
         else:
             raise DataError(f"data '{layout.root.label}' has neither train/masks nor train.csv: "
                             "give the masks as PNGs or as run-length strings in train.csv")
@@ -425,12 +490,39 @@ def load_train(path: str | Path) -> TrainSet:
     return TrainSet(ids, images, masks, depths)
 
 
-def load_test(path: str | Path) -> tuple[list[str], np.ndarray]:
-    """Read the test images of Kaggle's layout from a folder or a zip: ``(ids, images (N, H, W))``."""
+def load_test(path: str | Path):
+    """Read unlabelled images from a folder or a zip: ``(ids, images)``, images as :func:`load_train`'s.
+
+    ``path`` is in Kaggle's layout (``test/images``), a plain layout (``test/`` or ``test/images``) or a
+    folder of image files.
+    """
     with _Layout(path) as layout:
-        test = layout.part("test")
-        ids = _png_ids(test, "images")
-        return ids, _read_stack(test, "images", ids, read_image)
+        test, folder = layout.part("test")
+        files = _image_files(test, folder)
+        return list(files), _read_images(test, folder, files)
+
+
+def load_images(paths: list[str | Path]):
+    """The images to predict from folders (:func:`load_test`) and single image files: ``(ids, images)``,
+    ids the file stems in the order given (each folder's sorted). Ids must not repeat."""
+    ids: list[str] = []
+    arrays: list[np.ndarray] = []
+    for path in map(Path, paths):
+        if path.is_file() and _is_image_file(path.name):
+            ids.append(check_id(path.stem, str(path.parent)))
+            arrays.append(read_image(path))
+        else:
+            found, images = load_test(path)
+            ids += found
+            arrays += list(images)
+    twice = sorted({i for i in ids if ids.count(i) > 1})
+    if twice:
+        raise DataError(f"the images given share the name(s) {', '.join(twice[:5])}: predictions are saved "
+                        "under the images' names, so give each name once")
+    if any(a.ndim == 3 for a in arrays):
+        channels = {a.shape[2] for a in arrays if a.ndim == 3}
+        arrays = [a if a.ndim == 3 else np.repeat(a[..., None], max(channels), axis=2) for a in arrays]
+    return ids, as_stack(arrays)
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,7 +530,9 @@ def load_test(path: str | Path) -> tuple[list[str], np.ndarray]:
 # --------------------------------------------------------------------------------------------
 
 def coverage(masks):
-    """Fraction of salt pixels of each mask: (N, H, W) or (N, H, W, 1) -> (N,) float64."""
+    """Fraction of foreground pixels of each mask: (N, H, W), (N, H, W, 1) or a list of (H, W) -> (N,) float64."""
+    if isinstance(masks, list):
+        return np.array([float((as_numpy(m) > 0.5).mean()) for m in masks], np.float64)
     xp = get_array_module(masks)
     return (masks.reshape(len(masks), -1) > 0.5).mean(axis=1, dtype=xp.float64)
 
@@ -511,9 +605,12 @@ def stratified_folds(classes, k: int, seed: int = 0) -> list[tuple[np.ndarray, n
 # --------------------------------------------------------------------------------------------
 
 def fingerprint(ids: list[str], images, masks) -> str:
-    """A short sha256 hex (16 chars) of ids, images (as float32) and masks (as {0, 1} bytes)."""
+    """A short sha256 hex (16 chars) of ids, images (as float32) and masks (as {0, 1} bytes); a set of
+    mixed sizes (lists) image by image."""
     digest = hashlib.sha256("\n".join(ids).encode())
-    for array, dtype in ((as_numpy(images), "<f4"), (as_numpy(masks) > 0.5, "u1")):
-        digest.update(str(array.shape).encode())
-        digest.update(np.ascontiguousarray(array, dtype=dtype).tobytes())
+    for stack, dtype in ((images, "<f4"), (masks, "u1")):
+        for array in (stack if isinstance(stack, list) else [stack]):
+            array = as_numpy(array) > 0.5 if dtype == "u1" else as_numpy(array)
+            digest.update(str(array.shape).encode())
+            digest.update(np.ascontiguousarray(array, dtype=dtype).tobytes())
     return digest.hexdigest()[:16]
