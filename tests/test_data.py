@@ -15,6 +15,7 @@ from PIL import Image
 
 from tinyunet import data
 from tinyunet.data import DataError
+from tinyunet.transforms import luma
 
 REAL = Path(os.environ.get("TINYUNET_TGS_DATA",
                            Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tgs-salt"))
@@ -117,7 +118,7 @@ def test_read_image_colour_stays_rgb_and_its_luma_is_pils():
     rgb[1, 1] = (0, 0, 255)
     image = data.read_image(png_bytes(rgb))
     np.testing.assert_allclose(image, rgb / 255, atol=1e-6)
-    np.testing.assert_allclose(data.luma(image), [[0.299, 0], [0, 0.114]], atol=1e-6)
+    np.testing.assert_allclose(luma(image), [[0.299, 0], [0, 0.114]], atol=1e-6)
 
 
 def test_read_image_from_path(tmp_path):

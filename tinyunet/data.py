@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from tinyunet.backend import as_numpy, get_array_module
+from tinyunet.transforms import as_stack, luma
 
 LAYOUT_HINT = (
     "expected Kaggle's layout (train/images/<id>.png, train/masks/<id>.png, train.csv, "
@@ -130,13 +131,6 @@ def read_image(source: str | Path | bytes, name: str | None = None) -> np.ndarra
     """
     raw, full, _, _ = _decode(source, name)
     return raw / np.float32(full)
-
-
-def luma(images):
-    """ITU-R 601-2 luma (the weights of PIL's convert("L")) of colour images (..., 3) -> (...)."""
-    xp = get_array_module(images)
-    weights = xp.asarray([0.299, 0.587, 0.114], dtype=xp.float64)
-    return (images.astype(xp.float64) @ weights).astype(images.dtype)
 
 
 def read_mask(source: str | Path | bytes, name: str | None = None,
@@ -345,12 +339,6 @@ def _image_files(tree, folder: str, suffix: str = "") -> dict[str, str]:
     if not files:
         raise DataError(f"{where} holds no image files ({', '.join(IMAGE_SUFFIXES)}): {LAYOUT_HINT}")
     return dict(sorted(files.items()))
-
-
-def as_stack(arrays: list[np.ndarray]):
-    """One (N, H, W[, C]) array when every array has one shape, else the list itself (a set of mixed
-    sizes: each image keeps its own)."""
-    return np.stack(arrays) if len({a.shape for a in arrays}) == 1 else arrays
 
 
 def _read_images(tree, folder: str, files: dict[str, str]):

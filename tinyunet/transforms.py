@@ -1,7 +1,9 @@
-"""Array work on image stacks, NumPy or CuPy alike: bilinear resize, pad and crop, flips, minibatches.
+"""Array work on image stacks, NumPy or CuPy alike: bilinear resize, pad and crop, flips, channels,
+sets of mixed sizes, minibatches.
 
 Every function takes (N, H, W) or (N, H, W, C) arrays and starts with ``xp = get_array_module(x)``;
-nothing here reads files, so this module needs NumPy alone (no Pillow).
+nothing here reads files, so this module needs NumPy alone (no Pillow). A set whose images differ in
+size is a list of (H, W[, C]) arrays instead of one stack (:func:`as_stack`, :func:`take`).
 
 Notation: N images, H x W pixels, C channels, OH x OW the output size of a resize.
 """
@@ -59,9 +61,15 @@ def pad_to_multiple(x, multiple: int, mode: str = "reflect"):
     Returns ``(padded, box)`` with ``box = (top, left, H, W)`` for :func:`crop`; the padding is
     split evenly, the odd pixel going to the bottom / right. ``mode`` is any of ``xp.pad``'s.
     """
+    h, w = x.shape[1:3]
+    return pad_to(x, (h + -h % multiple, w + -w % multiple), mode)
+
+
+def pad_to(x, size: tuple[int, int], mode: str = "reflect"):
+    """Pad H and W of (N, H, W[, C]) up to ``size`` (OH, OW), as :func:`pad_to_multiple` does."""
     xp = get_array_module(x)
     h, w = x.shape[1:3]
-    ph, pw = -h % multiple, -w % multiple
+    ph, pw = size[0] - h, size[1] - w
     top, left = ph // 2, pw // 2
     widths = [(0, 0), (top, ph - top), (left, pw - left)] + [(0, 0)] * (x.ndim - 3)
     return xp.pad(x, widths, mode=mode), (top, left, h, w)
@@ -84,6 +92,77 @@ def augment_hflip(images, masks):
     xp = get_array_module(images)
     return (xp.concatenate([images, hflip(images)]),
             xp.concatenate([masks, hflip(masks)]))
+
+
+# --------------------------------------------------------------------------------------------
+# Channels, and sets of mixed sizes
+# --------------------------------------------------------------------------------------------
+
+def channels(images) -> int:
+    """The channel count of (N, H, W) gray images (1), (N, H, W, C) ones (C), or a list of either."""
+    first = images[0]  # (H, W) or (H, W, C)
+    return 1 if first.ndim == 2 else first.shape[-1]
+
+
+def luma(images):
+    """ITU-R 601-2 luma (the weights of PIL's convert("L")) of colour images (..., 3) -> (...)."""
+    xp = get_array_module(images)
+    weights = xp.asarray([0.299, 0.587, 0.114], dtype=xp.float64)
+    return (images.astype(xp.float64) @ weights).astype(images.dtype)
+
+
+def as_stack(arrays: list):
+    """One (N, H, W[, C]) array when every array has one shape, else the list itself (a set of mixed
+    sizes: each image keeps its own)."""
+    xp = get_array_module(*arrays) if arrays else np
+    return xp.stack(arrays) if len({a.shape for a in arrays}) == 1 else list(arrays)
+
+
+def take(images, idx):
+    """The images at indices ``idx`` of a stack or a list (then stacked when they share one size)."""
+    if isinstance(images, list):
+        return as_stack([images[int(i)] for i in idx])
+    return images[idx]
+
+
+def size_groups(images) -> list[np.ndarray]:
+    """Indices of the images of each size (H, W), in order of first appearance; a stack is one group."""
+    if not isinstance(images, list):
+        return [np.arange(len(images))]
+    sizes = [a.shape[:2] for a in images]
+    return [np.flatnonzero([s == size for s in sizes]) for size in dict.fromkeys(sizes)]
+
+
+def canvas(arrays, fill=0):
+    """A list of (H, W) arrays of mixed sizes on one (N, max H, max W) canvas, each at the top left and
+    the rest ``fill``: scores that count pixels per image (IoU, Dice, the competition score) are the same
+    on it when ``fill`` is background. A stack is returned as it is."""
+    if not isinstance(arrays, list):
+        return arrays
+    xp = get_array_module(*arrays)
+    h, w = max(a.shape[0] for a in arrays), max(a.shape[1] for a in arrays)
+    out = xp.full((len(arrays), h, w), fill, dtype=arrays[0].dtype)
+    for i, a in enumerate(arrays):
+        out[i, :a.shape[0], :a.shape[1]] = a
+    return out
+
+
+def to_channels(images, count: int):
+    """Images (N, H, W) gray / (N, H, W, C), or a list of them, with ``count`` channels: gray as 1 channel
+    (N, H, W), colour to gray by its luma, gray repeated into 3 channels. ValueError for any other
+    change (the message says which)."""
+    if isinstance(images, list):
+        return [to_channels(image[None], count)[0] for image in images]
+    have = 1 if images.ndim == 3 else images.shape[-1]
+    if have == count:
+        return images
+    xp = get_array_module(images)
+    if have == 3 and count == 1:
+        return luma(images)
+    if have == 1 and count == 3:
+        return xp.repeat(images[..., None], 3, axis=3)
+    raise ValueError(f"the images have {have} channels and the model takes {count}: only gray <-> RGB "
+                     "converts; give images with the model's channels")
 
 
 # --------------------------------------------------------------------------------------------
