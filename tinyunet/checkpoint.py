@@ -16,14 +16,16 @@ The metadata is written by Python's ``json``, which spells non-finite floats ``I
 ``NaN`` (a history with a diverged loss, a callback's initial best) and reads them back.
 
 Writing is atomic (:func:`tinyunet.files.atomic_write`): a process killed at any moment leaves either
-the old file or the new one, never a mix. Reading always uses ``np.load(..., allow_pickle=False)``, after
-checking that the file starts like a zip archive: a file from elsewhere is data, never code. Every
+the old file or the new one, never a mix. Reading checks that the file starts like a zip archive, then
+reads only the arrays ``meta.json`` lists, each with ``allow_pickle=False`` and only after its header
+(shape x dtype) is within :data:`MAX_ARRAY_BYTES`: a file from elsewhere is data, never code. Every
 failure is a :class:`CheckpointError` whose message is one line saying what is wrong and what to do.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import zipfile
 import zlib
@@ -50,6 +52,13 @@ _OURS = "pass a checkpoint saved by train.py"  # the fix when a file is not ours
 _DAMAGED = "the file is damaged: use another checkpoint (an earlier copy) or train again"
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip archive (every .npz is one), an empty one
 _NPY_MAGIC = b"\x93NUMPY"  # a single array saved by np.save
+
+# What a checkpoint may make load_checkpoint read, checked from the headers before reading: a file from
+# elsewhere is data, and a few kB claiming a huge array must cost nothing.
+MAX_ARRAY_BYTES = 512 * 2**20  # one array; load_model's widest layer (3x3, 2048 -> 2048, float64) is 302 MB
+MAX_TOTAL_BYTES = 4 * 2**30  # every listed array together (weights and both Adam moments)
+MAX_META_BYTES = 32 * 2**20  # meta.json; a long run's history and sweeps are a few hundred kB
+MAX_META_DEPTH = 32  # lists and objects nested in meta.json; train.py writes 5 levels
 
 
 class CheckpointError(ValueError):
@@ -139,27 +148,13 @@ def save_checkpoint(
     return path
 
 
-def _needs_pickle(npz: np.lib.npyio.NpzFile, key: str) -> bool:
-    """Whether member ``key`` is an object array (readable only by unpickling), from its header alone."""
-    try:
-        with npz.zip.open(key + ".npy") as f:
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                _, _, dtype = np.lib.format.read_array_header_1_0(f)
-            else:
-                _, _, dtype = np.lib.format.read_array_header_2_0(f)
-    except _READ_ERRORS + (KeyError,):
-        return False
-    return dtype.hasobject
+def _corrupt(path: Path, err: Exception, where: str = "") -> CheckpointError:
+    reason = " ".join(f"{where}{type(err).__name__}: {err}".split())  # one line, whatever numpy said
+    return CheckpointError(f"{path} is not a readable .npz checkpoint (truncated or corrupt: {reason}); {_DAMAGED}")
 
 
-def _read_members(path: Path) -> dict[str, np.ndarray]:
-    """Every array of the ``.npz`` at ``path``, read with ``allow_pickle=False``."""
-
-    def corrupt(err: Exception, where: str = "") -> CheckpointError:
-        reason = " ".join(f"{where}{type(err).__name__}: {err}".split())  # one line, whatever numpy said
-        return CheckpointError(f"{path} is not a readable .npz checkpoint (truncated or corrupt: {reason}); {_DAMAGED}")
-
+def _open_archive(path: Path) -> zipfile.ZipFile:
+    """The ``.npz`` at ``path`` as a zip archive, after checking that it starts like one."""
     try:
         with open(path, "rb") as f:
             head = f.read(len(_NPY_MAGIC))
@@ -173,39 +168,84 @@ def _read_members(path: Path) -> dict[str, np.ndarray]:
             f"{_OURS}, or train again"
         )
     try:
-        loaded = np.load(path, allow_pickle=False)
+        return zipfile.ZipFile(path)
     except _READ_ERRORS as err:
-        raise corrupt(err) from None
-    members = {}
-    with loaded as npz:
-        for key in npz.files:
-            try:
-                value = npz[key]
-            except _READ_ERRORS as err:
-                if _needs_pickle(npz, key):
-                    raise CheckpointError(
-                        f"{path} holds an object array ({key!r}) that only pickle could load; refused, "
-                        f"because unpickling a file from elsewhere can run code; {_OURS}"
-                    ) from None
-                raise corrupt(err, f"member {key!r}: ") from None
-            if not isinstance(value, np.ndarray):  # a zip member that is not a .npy file
-                raise CheckpointError(f"{path} is not a tinyunet checkpoint ({key!r} is not an array); {_OURS}")
-            members[key] = value
-    return members
+        raise _corrupt(path, err) from None
 
 
-def _parse_meta(path: Path, members: Mapping[str, np.ndarray]) -> dict[str, Any]:
+class _Archive:
+    """The members of an open ``.npz``, read one by one after their headers are checked."""
+
+    def __init__(self, path: Path, archive: zipfile.ZipFile):
+        self.path, self.archive = path, archive
+        # member key (the name without .npy, as np.load names it) -> its zip entry
+        self.entries = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
+
+    def header(self, key: str, limit: int) -> tuple[tuple[int, ...], np.dtype, int]:
+        """``(shape, dtype, bytes)`` of member ``key`` from its .npy header alone; refused over ``limit`` bytes."""
+        info = self.entries[key]
+        if not info.filename.endswith(".npy"):  # a zip member that is not a .npy file
+            raise CheckpointError(f"{self.path} is not a tinyunet checkpoint ({key!r} is not an array); {_OURS}")
+        try:
+            with self.archive.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(f)
+                header_bytes = f.tell()
+        except _READ_ERRORS as err:
+            raise _corrupt(self.path, err, f"member {key!r}: ") from None
+        if dtype.hasobject:
+            raise CheckpointError(f"{self.path} holds an object array ({key!r}) that only pickle could load; "
+                                  f"refused, because unpickling a file from elsewhere can run code; {_OURS}")
+        if any(side < 0 for side in shape):
+            raise _corrupt(self.path, ValueError(f"negative shape {shape}"), f"member {key!r}: ")
+        size = math.prod(shape) * dtype.itemsize  # Python ints: a claimed (1e11,) cannot overflow
+        if size > limit:
+            raise CheckpointError(f"{self.path} holds an array {key!r} of shape {shape} ({dtype}, {size / 2**20:,.0f} "
+                                  f"MiB), more than a tinyunet checkpoint holds ({limit / 2**20:,.0f} MiB at most): "
+                                  f"refused unread; {_OURS}")
+        if info.file_size != header_bytes + size:
+            raise _corrupt(self.path, ValueError(f"the zip declares {info.file_size} bytes, its header "
+                                                 f"{header_bytes + size}"), f"member {key!r}: ")
+        return shape, dtype, size
+
+    def read(self, key: str) -> np.ndarray:
+        """Member ``key`` (its header already checked by :meth:`header`), read with ``allow_pickle=False``."""
+        try:
+            with self.archive.open(self.entries[key]) as f:
+                return np.lib.format.read_array(f, allow_pickle=False)
+        except _READ_ERRORS as err:
+            raise _corrupt(self.path, err, f"member {key!r}: ") from None
+
+
+def _nesting(doc: Any) -> int:
+    """How deep lists and objects nest in a parsed JSON document (walked without recursion)."""
+    deepest, stack = 0, [(doc, 1)]
+    while stack and deepest <= MAX_META_DEPTH:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (value.values() if isinstance(value, dict) else value))
+    return deepest
+
+
+def _parse_meta(path: Path, archive: _Archive) -> dict[str, Any]:
     """The JSON document of ``meta.json``, checked to be a tinyunet checkpoint this version can read."""
     not_ours = f"{path} is a .npz file but not a tinyunet checkpoint"
-    if META_KEY not in members:
+    if META_KEY not in archive.entries:
         raise CheckpointError(f"{not_ours} (it has no {META_KEY}); {_OURS}")
-    raw = members[META_KEY]
+    shape, dtype, _ = archive.header(META_KEY, MAX_META_BYTES)
     try:
-        if raw.dtype != np.uint8 or raw.ndim != 1:
-            raise ValueError(f"a {raw.dtype} array of shape {raw.shape}, not bytes")
-        doc = json.loads(raw.tobytes().decode("utf-8"))
+        if dtype != np.uint8 or len(shape) != 1:
+            raise ValueError(f"a {dtype} array of shape {shape}, not bytes")
+        doc = json.loads(archive.read(META_KEY).tobytes().decode("utf-8"))
     except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise CheckpointError(f"{not_ours} (its {META_KEY} is not JSON: {err}); {_OURS}") from None
+    except RecursionError:
+        doc = None  # nested deeper than the parser goes: refused below like any deep document
+    if doc is None or _nesting(doc) > MAX_META_DEPTH:
+        raise CheckpointError(f"{not_ours} (its {META_KEY} nests lists or objects more than {MAX_META_DEPTH} "
+                              f"deep); {_OURS}")
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise CheckpointError(f'{not_ours} (its {META_KEY} lacks "format": "{FORMAT}"); {_OURS}')
     version = doc.get("format_version")
@@ -222,37 +262,54 @@ def _parse_meta(path: Path, members: Mapping[str, np.ndarray]) -> dict[str, Any]
     return doc
 
 
-def _take(
-    path: Path, members: Mapping[str, np.ndarray], prefix: str, names: object, what: str
-) -> dict[str, np.ndarray]:
-    """``{name: members[prefix + name]}`` in the order of ``names``; every listed array must be there."""
+def _listed(path: Path, archive: _Archive, prefix: str, names: object, what: str) -> list[str]:
+    """The member keys ``prefix + name`` of ``names``; every listed array must be there."""
     if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
         raise CheckpointError(f"{path} has no valid list of {what} in its {META_KEY}; {_DAMAGED}")
-    missing = [name for name in names if prefix + name not in members]
+    missing = [name for name in names if prefix + name not in archive.entries]
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise CheckpointError(f"{path} is incomplete: {what} {shown} listed in its {META_KEY} are missing; {_DAMAGED}")
-    return {name: members[prefix + name] for name in names}
+    return [prefix + name for name in names]
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read a checkpoint written by :func:`save_checkpoint`; any problem is a one-line CheckpointError."""
+    """Read a checkpoint written by :func:`save_checkpoint`; any problem is a one-line CheckpointError.
+
+    Only the arrays its ``meta.json`` lists are read, each after its header is checked against
+    :data:`MAX_ARRAY_BYTES` (and all of them against :data:`MAX_TOTAL_BYTES`), so a small file that
+    claims a huge array costs nothing.
+    """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist; check the path (a run folder holds best.npz)")
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a folder; pass the .npz file inside it")
-    members = _read_members(path)
-    doc = _parse_meta(path, members)
-    params = _take(path, members, PARAM_PREFIX, doc["param_order"], "parameters")
-    buffers = _take(path, members, BUFFER_PREFIX, doc.get("buffer_order", []), "buffers")
-    optimizer_state = doc.get("optimizer")
+    with _open_archive(path) as zipped:
+        archive = _Archive(path, zipped)
+        doc = _parse_meta(path, archive)
+        groups = {"params": (PARAM_PREFIX, _listed(path, archive, PARAM_PREFIX, doc["param_order"], "parameters")),
+                  "buffers": (BUFFER_PREFIX, _listed(path, archive, BUFFER_PREFIX, doc.get("buffer_order", []),
+                                                     "buffers"))}
+        optimizer_state = doc.get("optimizer")
+        if optimizer_state is not None:
+            if not isinstance(optimizer_state, dict):
+                raise CheckpointError(f"{path} has an invalid optimizer state in its {META_KEY}; {_DAMAGED}")
+            for key, prefix in MOMENT_PREFIXES.items():
+                groups[key] = (prefix, _listed(path, archive, prefix, optimizer_state.get(key),
+                                               f"optimizer {key} arrays"))
+        keys = {key for _, listed in groups.values() for key in listed}
+        total = sum(archive.header(key, MAX_ARRAY_BYTES)[2] for key in keys)
+        if total > MAX_TOTAL_BYTES:
+            raise CheckpointError(f"{path} lists arrays of {total / 2**30:,.1f} GiB in all, more than a tinyunet "
+                                  f"checkpoint holds ({MAX_TOTAL_BYTES / 2**30:,.0f} GiB at most): refused unread; "
+                                  f"{_OURS}")
+        arrays = {name: {key[len(prefix):]: archive.read(key) for key in listed}
+                  for name, (prefix, listed) in groups.items()}
     if optimizer_state is not None:
-        if not isinstance(optimizer_state, dict):
-            raise CheckpointError(f"{path} has an invalid optimizer state in its {META_KEY}; {_DAMAGED}")
-        for key, prefix in MOMENT_PREFIXES.items():
-            optimizer_state[key] = _take(path, members, prefix, optimizer_state.get(key), f"optimizer {key} arrays")
-    return Checkpoint(path=path, params=params, meta=doc["meta"], optimizer_state=optimizer_state, buffers=buffers)
+        optimizer_state.update(m=arrays["m"], v=arrays["v"])
+    return Checkpoint(path=path, params=arrays["params"], meta=doc["meta"], optimizer_state=optimizer_state,
+                      buffers=arrays["buffers"])
 
 
 def _describe(config: Mapping[str, Any], keys: list[str]) -> str:

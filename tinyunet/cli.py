@@ -5,13 +5,18 @@
 
 Every flag has ``help=``; abbreviations are refused (``--epoch 3`` is an error, not ``--epochs 3``).
 A mistake a user can fix ends with one line ``error: ...`` on stderr and exit status 2; ``--debug``
-shows the traceback instead. The package is imported after parsing, so ``--help`` stays fast.
+shows the traceback instead. So does running out of memory (with what to lower), a file the disk or
+the system refuses (OSError), and a file nested too deep to parse (RecursionError). SIGTERM stops
+either command as Ctrl-C does (exit status 143). The package is imported after parsing, so ``--help``
+stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from tinyunet.blocks import BLOCKS
@@ -22,6 +27,40 @@ from tinyunet.pipeline import FITS
 EXIT_USAGE = 2  # bad input a user can fix (flags, data, checkpoints, GPU)
 EXIT_DIVERGED = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+@contextmanager
+def _sigterm_as(exception: type[BaseException]):
+    """Within the block SIGTERM raises ``exception`` (a KeyboardInterrupt), so it stops like Ctrl-C:
+    atomic writes clean up and the finished epochs are reported. Yields a list that is non-empty once
+    SIGTERM has come."""
+    received: list[int] = []
+
+    def handler(signum, frame):
+        received.append(signum)
+        raise exception()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (train_main called from a thread): leave SIGTERM as it is
+        yield received
+        return
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _one_line(err: BaseException, what: str) -> str:
+    """``error: ...`` for what escapes the named errors: out of memory, an OSError, a RecursionError."""
+    if isinstance(err, MemoryError):
+        asked = f" ({' '.join(str(err).split())})" if str(err) else ""
+        return f"error: out of memory{asked}: lower {what}"
+    if isinstance(err, RecursionError):
+        return "error: an input nests too deeply to read (RecursionError); check the files given"
+    where = f" {err.filename}" if getattr(err, "filename", None) else ""
+    return f"error: cannot use{where}: {err.strerror or err}; check free space and permissions there"
 
 
 def _prog(name: str) -> str:
@@ -183,16 +222,17 @@ def train_main(argv: list[str] | None = None) -> int:
     from tinyunet.checkpoint import CheckpointError
     from tinyunet.data import DataError
     from tinyunet.runs import RunError
-    from tinyunet.training import TrainingDiverged, TrainingInterrupted, train
+    from tinyunet.training import Terminated, TrainingDiverged, TrainingInterrupted, train
 
     try:
-        config = build_config(given)
-        if config.folds > 1 and config.fold is None:
-            from tinyunet.folds import train_folds
+        with _sigterm_as(Terminated) as terminated:
+            config = build_config(given)
+            if config.folds > 1 and config.fold is None:
+                from tinyunet.folds import train_folds
 
-            train_folds(config)
-        else:
-            train(config)
+                train_folds(config)
+            else:
+                train(config)
     except (ConfigError, RunError, DataError, CheckpointError, GPUUnavailableError) as err:
         if debug:
             raise
@@ -207,12 +247,19 @@ def train_main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(f"\n{err}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     except KeyboardInterrupt:  # before training started (e.g. while reading the data)
         if debug:
             raise
-        print("\ninterrupted (Ctrl-C) before training started; no checkpoint was written or changed", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        how = "terminated (SIGTERM)" if terminated else "interrupted (Ctrl-C)"
+        print(f"\n{how} before training started; no checkpoint was written or changed", file=sys.stderr)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+    except (MemoryError, RecursionError, OSError) as err:
+        if debug:
+            raise
+        print(_one_line(err, "--batch-size, --features or --input-size (or train on fewer images, --limit)"),
+              file=sys.stderr)
+        return EXIT_USAGE
     return 0
 
 
@@ -262,9 +309,10 @@ def predict_main(argv: list[str] | None = None) -> int:
     from tinyunet.prediction import USER_ERRORS, predict  # after parsing, so --help stays fast
 
     try:
-        predict(model=args.model, data=args.data, out=args.out, gpu=args.gpu, threads=args.threads,
-                batch_size=args.batch_size, tta=args.tta, threshold=args.threshold,
-                save_masks=args.save_masks, preview=args.preview, evaluate=args.evaluate)
+        with _sigterm_as(KeyboardInterrupt) as terminated:
+            predict(model=args.model, data=args.data, out=args.out, gpu=args.gpu, threads=args.threads,
+                    batch_size=args.batch_size, tta=args.tta, threshold=args.threshold,
+                    save_masks=args.save_masks, preview=args.preview, evaluate=args.evaluate)
     except USER_ERRORS as err:
         if args.debug:
             raise
@@ -273,7 +321,12 @@ def predict_main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args.debug:
             raise
-        print("error: interrupted (a submission file is either complete or as it was before)",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
+        how = "terminated (SIGTERM)" if terminated else "interrupted"
+        print(f"error: {how} (a submission file is either complete or as it was before)", file=sys.stderr)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+    except (MemoryError, RecursionError, OSError) as err:
+        if args.debug:
+            raise
+        print(_one_line(err, "--batch-size"), file=sys.stderr)
+        return EXIT_USAGE
     return 0

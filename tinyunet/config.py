@@ -21,9 +21,9 @@ import numpy as np
 from tinyunet.blocks import BLOCKS
 from tinyunet.checkpoint import CheckpointError
 from tinyunet.losses import LOSSES
-from tinyunet.pipeline import FITS
+from tinyunet.pipeline import FITS, MAX_INPUT_SIZE
 from tinyunet.runs import open_resume
-from tinyunet.unet import default_dropout
+from tinyunet.unet import MAX_DEPTH, MAX_WIDTH, default_dropout
 
 # --------------------------------------------------------------------------------------------
 # Every default in one place
@@ -190,7 +190,9 @@ def validate(config: TrainConfig) -> None:
 
     for name in ("epochs", "batch_size", "features", "depth"):
         need(_is_int(getattr(config, name)) and getattr(config, name) >= 1, name, "it must be a whole number >= 1")
-    need(config.depth <= 8, "depth", "it must be at most 8 (the image is halved at every level)")
+    need(config.depth <= MAX_DEPTH, "depth", f"it must be at most {MAX_DEPTH} (the image is halved at every level)")
+    need(config.features * 2 ** config.depth <= MAX_WIDTH, "features", f"with --depth {config.depth} the bridge "
+         f"would have {config.features * 2 ** config.depth} filters (features * 2**depth); at most {MAX_WIDTH}")
     for name in ("lr", "val_split", "lr_factor", "min_lr"):
         need(_is_number(getattr(config, name)) and math.isfinite(getattr(config, name)), name, "it must be a number")
     need(config.lr > 0, "lr", "the learning rate must be > 0, e.g. 1e-3")
@@ -201,7 +203,8 @@ def validate(config: TrainConfig) -> None:
     need(config.min_lr >= 0, "min_lr", "it must be >= 0")
     need(_is_int(config.seed) and config.seed >= 0, "seed", "it must be a whole number >= 0")
     need(config.fit in FITS, "fit", f"choose one of {', '.join(FITS)}")
-    need(_is_int(config.input_size) and config.input_size >= 1, "input_size", "it must be a whole number >= 1")
+    need(_is_int(config.input_size) and 1 <= config.input_size <= MAX_INPUT_SIZE, "input_size",
+         f"it must be a whole number from 1 to {MAX_INPUT_SIZE}")
     step = 2 ** config.depth
     if config.fit == "resize" and config.input_size % step:
         nearest = max(step, step * round(config.input_size / step))

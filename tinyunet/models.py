@@ -17,19 +17,42 @@ import numpy as np
 
 from tinyunet.checkpoint import Checkpoint, CheckpointError, check_compatible, load_checkpoint
 from tinyunet.ensemble import Ensemble, split_members
-from tinyunet.pipeline import FITS
-from tinyunet.unet import UNet
+from tinyunet.pipeline import FITS, MAX_INPUT_SIZE
+from tinyunet.unet import MAX_DEPTH, MAX_WIDTH, UNet
 
 _DAMAGED = "the file is damaged or was edited: use another checkpoint or train again"
 
 MODEL_KEYS = ("features", "depth", "dropout", "in_channels", "block")  # UNet settings kept in meta["model"]
 
 
-def build_model(config: dict, where, dtype=np.float32, gpu: bool = False) -> UNet:
-    """The U-Net of a checkpoint's ``meta["model"]`` (fresh weights); CheckpointError when it builds none."""
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_model_settings(config: dict, where) -> None:
+    """CheckpointError unless ``meta["model"]`` describes a U-Net of sane size, checked before any is built
+    (a file claiming features=3000 must not ask for gigabytes)."""
     if not isinstance(config, dict):
         raise CheckpointError(f"{where} records no model settings (meta['model']): it was not saved "
                               "by train.py; pass the best.npz of a training run")
+    features, depth = config.get("features", 8), config.get("depth", 4)
+    if not (_whole(features) and _whole(depth) and features >= 1 and 1 <= depth <= MAX_DEPTH
+            and features * 2 ** depth <= MAX_WIDTH):
+        raise CheckpointError(f"{where} records features={features!r}, depth={depth!r}: expected whole numbers, "
+                              f"depth 1..{MAX_DEPTH} and features * 2**depth at most {MAX_WIDTH}; {_DAMAGED}")
+    in_channels, dropout = config.get("in_channels", 1), config.get("dropout")
+    if not (_whole(in_channels) and 1 <= in_channels <= 16):
+        raise CheckpointError(f"{where} records in_channels={in_channels!r}, not a whole number of image channels "
+                              f"(1..16); {_DAMAGED}")
+    if dropout is not None and not (isinstance(dropout, list) and len(dropout) == depth and all(
+            isinstance(rate, (int, float)) and not isinstance(rate, bool) and 0 <= rate < 1 for rate in dropout)):
+        raise CheckpointError(f"{where} records dropout={dropout!r}, not one rate in [0, 1) per level "
+                              f"(depth={depth}); {_DAMAGED}")
+
+
+def build_model(config: dict, where, dtype=np.float32, gpu: bool = False) -> UNet:
+    """The U-Net of a checkpoint's ``meta["model"]`` (fresh weights); CheckpointError when it builds none."""
+    check_model_settings(config, where)
     try:
         return UNet(**{k: config[k] for k in MODEL_KEYS if k in config}, dtype=dtype, gpu=gpu)
     except (TypeError, ValueError) as err:
@@ -37,8 +60,20 @@ def build_model(config: dict, where, dtype=np.float32, gpu: bool = False) -> UNe
                               f"U-Net ({err})") from None
 
 
+def float_dtype(ckpt: Checkpoint) -> np.dtype:
+    """The one float dtype of the checkpoint's arrays (float32 when it holds none); integer, complex or
+    mixed arrays are a CheckpointError, for predict and resume alike."""
+    dtypes = {a.dtype for a in (*ckpt.params.values(), *ckpt.buffers.values())}
+    if len(dtypes) > 1 or not all(np.issubdtype(d, np.floating) for d in dtypes):
+        raise CheckpointError(f"{ckpt.path} holds parameters of dtypes {sorted(map(str, dtypes))}; "
+                              "expected one float dtype; pass the best.npz of a training run")
+    return dtypes.pop() if dtypes else np.dtype(np.float32)
+
+
 def load_into(model: UNet, ckpt: Checkpoint) -> None:
-    """Check that ``ckpt`` holds exactly ``model``'s arrays (names, shapes, finite) and load them."""
+    """Check that ``ckpt`` holds exactly ``model``'s arrays (one float dtype, names, shapes, finite) and
+    load them."""
+    float_dtype(ckpt)
     settings = {k: model.config[k] for k in ("features", "depth", "block") if k in model.config}
     check_compatible(ckpt, {name: tuple(p.shape) for name, p in model.params.items()}, settings)
     own_buffers = {name: tuple(b.shape) for name, b in model.buffers.items()}
@@ -59,16 +94,11 @@ def load_into(model: UNet, ckpt: Checkpoint) -> None:
 def _load_one(ckpt: Checkpoint, gpu: bool) -> UNet:
     """The U-Net of ``ckpt.meta["model"]`` with the checkpoint's arrays loaded (float16 ones widened)."""
     where, config = ckpt.path, ckpt.meta.get("model")
-    if not isinstance(config, dict):
-        build_model(config, where)  # raises: the file records no model settings
+    check_model_settings(config, where)
     if config.get("in_channels", 1) != 1:
-        raise CheckpointError(f"{where} holds a model for {config['in_channels']}-channel images; "
-                              "predict.py feeds grayscale (1-channel) images")
-    dtypes = {a.dtype for a in (*ckpt.params.values(), *ckpt.buffers.values())}
-    if len(dtypes) > 1 or not all(np.issubdtype(d, np.floating) for d in dtypes):
-        raise CheckpointError(f"{where} holds parameters of dtypes {sorted(map(str, dtypes))}; "
-                              "expected one float dtype; pass the best.npz of a training run")
-    dtype = dtypes.pop() if dtypes else np.dtype(np.float32)
+        raise CheckpointError(f"{where} holds a model for {config['in_channels']}-channel images, but "
+                              "predict.py feeds grayscale (1-channel) images; pass a model trained on them")
+    dtype = float_dtype(ckpt)
     model = build_model(config, where, dtype=np.float32 if dtype == np.float16 else dtype, gpu=gpu)
     load_into(model, ckpt)
     return model
@@ -85,18 +115,16 @@ def load_model(path: str | os.PathLike, gpu: bool = False) -> tuple[UNet | Ensem
     meta, where = ckpt.meta, ckpt.path
     members = meta.get("members")
     if members is None:
-        config = meta.get("model")
-        if not isinstance(config, dict):
-            build_model(config, where)  # raises: the file records no model settings
+        check_model_settings(meta.get("model"), where)
     elif not (isinstance(members, list) and members and all(isinstance(m, dict) for m in members)):
         raise CheckpointError(f"{where} has an invalid 'members' list in its metadata; {_DAMAGED}")
     fit, input_size = meta.get("fit"), meta.get("input_size")
     if fit not in FITS:
         raise CheckpointError(f"{where} records fit={fit!r}, expected one of {FITS}; pass the "
                               "best.npz of a training run")
-    if fit == "resize" and not (isinstance(input_size, int) and input_size > 0):
-        raise CheckpointError(f"{where} records input_size={input_size!r}, expected a positive "
-                              "integer; pass the best.npz of a training run")
+    if fit == "resize" and not (_whole(input_size) and 1 <= input_size <= MAX_INPUT_SIZE):
+        raise CheckpointError(f"{where} records input_size={input_size!r}, expected a whole number from 1 to "
+                              f"{MAX_INPUT_SIZE}; pass the best.npz of a training run")
     if members is None:
         return _load_one(ckpt, gpu), ckpt
     models = [_load_one(part, gpu) for part in split_members(ckpt)]

@@ -17,6 +17,7 @@ from tinyunet.transforms import crop, hflip, pad_to_multiple, resize
 from tinyunet.layers import sigmoid
 
 FITS = ("resize", "pad")
+MAX_INPUT_SIZE = 2048  # the largest network side of fit="resize" (the seed's: 128)
 
 
 def to_network(images, fit: str, input_size: int, depth: int):

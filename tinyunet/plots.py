@@ -190,7 +190,7 @@ def prediction_grid(images, probs, masks_pred, out_png: str | os.PathLike, truth
     """Save a grid of ``n`` examples as columns and return the path.
 
     Rows: the input image, the true mask (when ``truths`` is given), the salt probability and the
-    predicted mask. All arrays are (N, H, W), NumPy or CuPy. With ``truths`` the examples are spread
+    predicted mask. All arrays are (N, H, W), NumPy or CuPy; colour images (N, H, W, 3). With ``truths`` the examples are spread
     over the true coverage (empty to full) and each predicted mask is titled with its competition
     score and IoU; without them they are spread over the predicted coverage. ``ids`` name the
     columns.
@@ -199,10 +199,10 @@ def prediction_grid(images, probs, masks_pred, out_png: str | os.PathLike, truth
 
     images, probs, masks_pred = (as_numpy(a) for a in (images, probs, masks_pred))
     truths = None if truths is None else as_numpy(truths)
-    shapes = {a.shape for a in (images, probs, masks_pred) + (() if truths is None else (truths,))}
-    if len(shapes) != 1 or images.ndim != 3:
-        raise ValueError(f"prediction_grid needs (N, H, W) arrays of one shape, got "
-                         f"{sorted(shapes)}")
+    shapes = {a.shape[:3] for a in (images, probs, masks_pred) + (() if truths is None else (truths,))}
+    if len(shapes) != 1 or probs.ndim != 3 or images.ndim not in (3, 4):
+        raise ValueError(f"prediction_grid needs (N, H, W) arrays of one shape (images may be (N, H, W, 3)), "
+                         f"got {sorted(shapes)}")
     if len(images) == 0:
         raise ValueError("prediction_grid needs at least one image")
     if ids is not None and len(ids) != len(images):

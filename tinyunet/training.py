@@ -40,6 +40,8 @@ are checked: a NaN or infinite loss stops training at once, naming the epoch and
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -62,7 +64,8 @@ from tinyunet.optim import Adam
 from tinyunet.parallel import DataParallel
 from tinyunet.pipeline import from_network, probabilities
 from tinyunet.prepare import Prepared, prepare_data, resolve_data
-from tinyunet.runs import open_resume, prepare_run_folder, write_history, write_latest
+from tinyunet.runs import (discard_run_folder, latest_file, open_resume, prepare_run_folder, release_run_folder,
+                           write_history, write_latest)
 from tinyunet.transforms import minibatches
 from tinyunet.unet import UNet
 
@@ -74,8 +77,13 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the message names the epoch and batch and the last good files."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a batch scheduler's stop), raised by the handler train_main installs: training
+    stops as on Ctrl-C, with the finished epochs saved."""
+
+
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during training; the message says what was saved and how to resume."""
+    """Ctrl-C (or SIGTERM) during training; the message says what was saved and how to resume."""
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -190,7 +198,17 @@ def validate_epoch(model, prep: Prepared, config: TrainConfig, epoch: int) -> tu
 # --------------------------------------------------------------------------------------------
 
 def say(message: str = "") -> None:
-    print(message, flush=True)
+    """Print a line of the run's report. When stdout is closed (``train.py | head -1``) or full
+    (``> /dev/full``), training goes on and the report stops: stdout becomes /dev/null."""
+    try:
+        print(message, flush=True)
+    except OSError:  # BrokenPipeError, ENOSPC
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # what is still buffered drains there too, at exit
+            os.close(devnull)
+        except (OSError, ValueError):  # a stdout without a descriptor
+            sys.stdout = open(os.devnull, "w")
 
 
 def _check_resume(config: TrainConfig, checkpoint, run: Path) -> None:
@@ -219,10 +237,10 @@ def _setup(config: TrainConfig, run: Path, resume_from):
     history: list[dict] = []
     if resume_from is not None:
         load_into(model, resume_from)
-        if resume_from.optimizer_state is None:
-            raise CheckpointError(f"{resume_from.path} has no optimizer state, so the run cannot continue exactly; "
-                                  "start a new run")
-        optimizer.load_state_dict(resume_from.optimizer_state)
+        try:
+            optimizer.load_state_dict(resume_from.optimizer_state)  # checked by runs.check_resumable
+        except ValueError as err:  # its moments do not fit the model
+            raise CheckpointError(f"{resume_from.path} cannot be resumed ({err}); start a new run") from None
         saved_args = resume_from.meta.get("args", {})
         if config.lr != saved_args.get("lr", config.lr):  # --lr given on resume: the rate from now on
             optimizer.lr = config.lr
@@ -286,13 +304,24 @@ def train(config: TrainConfig) -> Path:
     created = out is None or not Path(out).exists()
     run = prepare_run_folder(out, resuming=resume_from is not None)
     try:
+        return _train_in(config, run, resume_from, created, wall_start)
+    finally:
+        release_run_folder(run)
+
+
+def _train_in(config: TrainConfig, run: Path, resume_from, created: bool, wall_start: float) -> Path:
+    """:func:`train` in the prepared and locked run folder ``run`` (``created``: by this call)."""
+    try:
         model, optimizer, history, prep, config = _setup(config, run, resume_from)
         net = DataParallel(model, config.threads)  # what runs the batches; model holds the weights
+        pointed = write_latest(run)
     except BaseException:  # bad data, no GPU, Ctrl-C while reading: leave no empty run folder behind
-        if created and run.is_dir() and not any(run.iterdir()):
-            run.rmdir()
+        if created:
+            discard_run_folder(run)
         raise
-    write_latest(run)
+    if not pointed:
+        say(f"note: {latest_file(run)} is not a pointer train.py wrote, so it is left as it is; "
+            f"give predict.py --model {run / 'best.npz'}")
 
     _describe(config, run, net, prep, resumed_after=len(history) if resume_from is not None else None,
               lr=optimizer.lr)
@@ -379,8 +408,9 @@ def train(config: TrainConfig) -> Path:
                          f"(best {es.best:.4f} at epoch {es.best_epoch + 1})")
                     break
             summary = finish(net, prep, config, run, history)
-    except KeyboardInterrupt:
-        raise TrainingInterrupted("interrupted (Ctrl-C); " + _saved_note(run, last_saved, history)
+    except KeyboardInterrupt as err:
+        how = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted (Ctrl-C)"
+        raise TrainingInterrupted(f"{how}; " + _saved_note(run, last_saved, history)
                                   + f" Continue with: python train.py --resume {run}") from None
     best_epoch, val_loss, threshold, score = summary
     minutes, seconds = divmod(time.perf_counter() - wall_start, 60)

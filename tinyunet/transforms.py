@@ -134,14 +134,14 @@ def size_groups(images) -> list[np.ndarray]:
 
 
 def canvas(arrays, fill=0):
-    """A list of (H, W) arrays of mixed sizes on one (N, max H, max W) canvas, each at the top left and
+    """A list of (H, W[, C]) arrays of mixed sizes on one (N, max H, max W[, C]) canvas, each at the top left and
     the rest ``fill``: scores that count pixels per image (IoU, Dice, the competition score) are the same
     on it when ``fill`` is background. A stack is returned as it is."""
     if not isinstance(arrays, list):
         return arrays
     xp = get_array_module(*arrays)
     h, w = max(a.shape[0] for a in arrays), max(a.shape[1] for a in arrays)
-    out = xp.full((len(arrays), h, w), fill, dtype=arrays[0].dtype)
+    out = xp.full((len(arrays), h, w) + arrays[0].shape[2:], fill, dtype=arrays[0].dtype)  # (N, H, W[, C])
     for i, a in enumerate(arrays):
         out[i, :a.shape[0], :a.shape[1]] = a
     return out

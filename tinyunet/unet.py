@@ -32,6 +32,8 @@ from tinyunet.layers import BatchNormalization, Conv2D, Dropout, sigmoid
 from tinyunet.layers import Sigmoid  # study mode: the summary's last row
 
 DROPOUT = (0.25, 0.3, 0.4, 0.5)  # the recipe's dropout per level, top level first
+MAX_DEPTH = 8  # levels: the image is halved at every one
+MAX_WIDTH = 2048  # the bridge's filters, features * 2**depth (the seed's: 128); its 3x3 conv is 151 MB in float32
 
 
 def default_dropout(depth: int) -> tuple[float, ...]:
