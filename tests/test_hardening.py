@@ -216,11 +216,17 @@ RESUME_DAMAGE = {
 }
 
 
-def test_resume_refuses_every_damaged_last_npz_in_one_line(tiny_data, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    assert exit_code(train_main, ["--data", tiny_data, "--out", "done", "--epochs", "1", *TINY_FLAGS]) == 0
+@pytest.fixture(scope="module")
+def done(tiny_data, tmp_path_factory) -> Path:
+    """A finished 1-epoch run of the tiny set; tests copy it before changing anything."""
+    run = tmp_path_factory.mktemp("hardening") / "done"
+    assert exit_code(train_main, ["--data", tiny_data, "--out", run, "--epochs", "1", *TINY_FLAGS]) == 0
+    return run
+
+
+def test_resume_refuses_every_damaged_last_npz_in_one_line(done, tmp_path, capsys):
     for case, (edit, words) in RESUME_DAMAGE.items():
-        run = shutil.copytree(tmp_path / "done", tmp_path / case.replace(" ", "-"))
+        run = shutil.copytree(done, tmp_path / case.replace(" ", "-"))
         if edit is None:
             (run / "best.npz").unlink()
         else:
@@ -230,6 +236,26 @@ def test_resume_refuses_every_damaged_last_npz_in_one_line(tiny_data, tmp_path, 
         err = capsys.readouterr().err
         assert_one_line_error(err, words)
         assert len(load_checkpoint(run / "last.npz").meta["history"]) in (0, 1), case  # no epoch was added
+
+
+def test_predict_never_writes_over_its_model_or_its_images_and_cleans_temporaries(done, tiny_data, tmp_path,
+                                                                                capsys):
+    model = shutil.copy(done / "best.npz", tmp_path / "best.npz")
+    images = tiny_data / "test" / "images"
+    before = {p.name: p.read_bytes() for p in images.iterdir()}
+    for argv, words in [(["--out", model], ["--out", "is the model being used"]),
+                        (["--preview", model], ["--preview", "is the model being used"]),
+                        (["--save-masks", images], ["--save-masks", "is an input file of"])]:
+        capsys.readouterr()
+        assert exit_code(predict_main, ["--model", model, "--data", tiny_data, *argv]) == 2
+        assert_one_line_error(capsys.readouterr().err, *words)
+    assert {p.name: p.read_bytes() for p in images.iterdir()} == before
+    assert load_checkpoint(model).params
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".sub.csv.{dead.stdout.strip()}.0123abcd.tmp"  # what a killed atomic write leaves
+    stale.write_text("id,rle")
+    assert exit_code(predict_main, ["--model", model, "--data", tiny_data, "--out", tmp_path / "sub.csv"]) == 0
+    assert not stale.exists() and "removed 1 half-written temporary file(s)" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from tinyunet.checkpoint import CheckpointError
 from tinyunet.data import DataError, fingerprint, load_test, load_train
 from tinyunet.ensemble import Ensemble
 from tinyunet.evaluation import Report, evaluate as score_report
-from tinyunet.files import atomic_write, make_writable_folder
+from tinyunet.files import atomic_write, make_writable_folder, remove_stale_temporaries
 from tinyunet.metrics import drop_small
 from tinyunet.models import load_model
 from tinyunet.parallel import DataParallel
@@ -111,6 +111,32 @@ def _check_file_target(path: Path, what: str) -> None:
     if path.is_dir():
         raise PredictError(f"{what} {path} is a folder: give a file name inside it")
     _writable_folder(path.parent, what)
+
+
+def _refuse_inputs(targets: list[tuple[str, Path]], model_path: Path, data, ids: list[str]) -> None:
+    """PredictError when an output (``(flag, path)`` pairs) would overwrite the model just loaded, the
+    data file given, or an input image (a file named after an image id inside the data folder)."""
+    model_file, data_path = model_path.resolve(), Path(data).resolve()
+    stems = set(ids)
+    for flag, target in targets:
+        if not os.path.lexists(target):
+            continue
+        where = target.resolve()
+        if where == model_file:
+            raise PredictError(f"{flag} {target} is the model being used ({model_path}): predict.py never writes "
+                               f"over its inputs; choose another {flag}")
+        if where == data_path or (where.is_relative_to(data_path) and where.stem in stems):
+            raise PredictError(f"{flag} {target} is an input file of {data}: predict.py never writes over its "
+                               f"inputs; choose another {flag}")
+
+
+def _remove_temporaries(folders: list[Path], log: Callable[[str], None]) -> None:
+    """Delete the half-written files a killed predict.py left in the output folders, and say so."""
+    for folder in dict.fromkeys(folders):
+        stale = remove_stale_temporaries(folder)
+        if stale:
+            log(f"removed {len(stale)} half-written temporary file(s) a killed run left in {folder}: "
+                + ", ".join(p.name for p in stale))
 
 
 def write_submission(path: str | os.PathLike, ids: list[str], masks: np.ndarray) -> Path:
@@ -245,6 +271,12 @@ def predict(
         ids, images = load_test(data)
     n, h, w = images.shape
     log(f"data: {data}: {n} {'labelled ' if evaluate else 'test '}images of {w}x{h}")
+
+    targets = [("--out", out), ("--preview", preview)] + ([("--out", plot_path)] if plot_path else [])
+    if save_masks is not None:
+        targets += [("--save-masks", save_masks / f"{image_id}.png") for image_id in ids]
+    _refuse_inputs(targets, model_path, data, ids)
+    _remove_temporaries([out.parent, preview.parent] + ([save_masks] if save_masks is not None else []), log)
 
     # --- the network ---------------------------------------------------------------------------
     from tqdm import tqdm
