@@ -33,7 +33,7 @@ from tinyunet import runs
 from tinyunet.checkpoint import load_checkpoint, save_checkpoint
 from tinyunet.cli import predict_main, train_main
 from tinyunet.config import build_config
-from tinyunet.data import DataError
+from tinyunet.data import DataError, load_test, load_train, read_regular_file
 from tinyunet.runs import RunError, new_run_folder, prepare_run_folder, release_run_folder, write_history, write_latest
 from tinyunet.training import train
 from tinyunet.unet import UNet
@@ -309,3 +309,94 @@ def test_what_escapes_the_named_errors_is_one_line(monkeypatch, capsys, raised, 
     assert_one_line_error(capsys.readouterr().err, *words)
     assert exit_code(predict_main, []) == 2
     assert_one_line_error(capsys.readouterr().err, *words[:2])
+
+
+# --------------------------------------------------------------------------------------------
+# Data files: special files, links out, huge declared sizes and pixel counts, odd CSVs
+# --------------------------------------------------------------------------------------------
+
+def _kaggle_copy(tiny_data: Path, target: Path) -> Path:
+    """A copy of the tiny set with train.csv as its masks (train/masks removed)."""
+    copy = shutil.copytree(tiny_data, target)
+    shutil.rmtree(copy / "train" / "masks")
+    return copy
+
+
+def test_special_files_and_links_leaving_the_data_are_refused_at_once(tiny_data, tmp_path):
+    for name, make in [("fifo", lambda p: os.mkfifo(p)), ("zero", lambda p: p.symlink_to("/dev/zero")),
+                       ("outside", lambda p: p.symlink_to(tmp_path / "elsewhere.png"))]:
+        data = shutil.copytree(tiny_data, tmp_path / name)
+        shutil.copy(next((data / "test" / "images").iterdir()), tmp_path / "elsewhere.png")
+        make(data / "test" / "images" / "0000.png")  # sorted first
+        with pytest.raises(DataError) as info:
+            load_test(data)
+        words = {"fifo": "not a regular file", "zero": "a link to /dev/zero, outside the data folder",
+                 "outside": "outside the data folder"}
+        assert words[name] in str(info.value) and "\n" not in str(info.value), str(info.value)
+    with pytest.raises(DataError, match="is not a regular file"):  # an image file given directly
+        read_regular_file(tmp_path / "zero" / "test" / "images" / "0000.png", "x.png")
+
+
+def test_a_small_file_claiming_many_pixels_or_bytes_is_refused_unread(tiny_data, tmp_path):
+    from PIL import Image
+
+    data = shutil.copytree(tiny_data, tmp_path / "bomb")
+    Image.new("1", (13000, 13000)).save(data / "test" / "images" / "0000.png")  # 20 kB, 169 Mpx
+    with pytest.raises(DataError, match=r"13000x13000 pixels, more than tinyunet reads"), _no_warnings():
+        load_test(data)
+    archive = tmp_path / "data.zip"
+    source = _kaggle_copy(tiny_data, tmp_path / "csv-masks")
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in sorted(source.rglob("*")):
+            if path.is_file():
+                z.write(path, path.relative_to(source).as_posix())
+        z.getinfo("train.csv").file_size = 2 ** 31  # the central directory will declare 2 GiB
+    with pytest.raises(DataError, match=r"train.csv declares 2,048 MiB in the zip.*refused unread"):
+        load_train(archive)
+
+
+class _no_warnings:
+    """No warning (Pillow's decompression-bomb one included) may escape the block."""
+
+    def __enter__(self):
+        import warnings
+
+        self.catcher = warnings.catch_warnings(record=True)
+        self.caught = self.catcher.__enter__()
+        warnings.simplefilter("always")
+
+    def __exit__(self, *exc):
+        self.catcher.__exit__(*exc)
+        assert not self.caught, [str(w.message) for w in self.caught]
+        return False
+
+
+@pytest.mark.parametrize("case, words", [
+    ("CR line endings", None),
+    ("a stray CR", "train.csv is not a plain file name"),
+    ("a field of 200000 characters", "train.csv's run-length string for id"),  # read: only its runs are wrong
+    ("a field over the cap", "train.csv is not a readable CSV (line 1: field larger than field limit"),
+])
+def test_odd_csv_files_read_or_fail_in_one_line(tiny_data, tmp_path, case, words):
+    import csv
+
+    data = _kaggle_copy(tiny_data, tmp_path / "set")
+    text = (data / "train.csv").read_text()
+    first_id = text.splitlines()[1].split(",")[0]
+    if case == "CR line endings":
+        (data / "train.csv").write_bytes(text.replace("\n", "\r").encode())
+        assert len(load_train(data).ids) == 24
+        return
+    if case == "a stray CR":
+        edited = text.replace(f"\n{first_id},", f"\n{first_id}\r,", 1)
+    else:
+        edited = text.replace(f"\n{first_id},", f"\n{first_id}," + "1 1 " * 50000, 1)
+    (data / "train.csv").write_text(edited)
+    limit = csv.field_size_limit(100000 if case == "a field over the cap" else csv.field_size_limit())
+    try:  # a cap of 100000 stops this field as MAX_CSV_FIELD stops one of 64 MiB
+        with pytest.raises(DataError) as info:
+            load_train(data)
+    finally:
+        csv.field_size_limit(limit)
+    message = str(info.value).replace(str(data) + "/", "")
+    assert words in message and "\n" not in message, message

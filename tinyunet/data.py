@@ -19,7 +19,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import os
+import stat
 import struct
+import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -36,6 +39,11 @@ LAYOUT_HINT = (
     "test/images/<id>.png), the competition's zip (train.zip, test.zip, train.csv), or a plain "
     "DATA/images/ + DATA/masks/ pair matched by file name (and optionally DATA/test/)"
 )
+# What one file of the data may make the reader allocate, checked before reading or decoding it.
+MAX_FILE_BYTES = 256 * 2**20  # one file on disk or in a zip (its declared size); train.csv of Kaggle's set is 4 MB
+MAX_PIXELS = 2**25  # one image: 33.5 Mpx (5792 x 5792), far below Pillow's 179 Mpx
+MAX_CSV_FIELD = 2**26  # one CSV field (a run-length string): a noisy mask of 10 Mpx fits; csv's default 128 kB does not
+csv.field_size_limit(max(csv.field_size_limit(), MAX_CSV_FIELD))
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")  # what Pillow reads for us; any case
 
 # What PIL raises on a corrupt or truncated PNG (it has no single exception type for it).
@@ -91,12 +99,15 @@ def _decode(source: str | Path | bytes, name: str | None) -> tuple[np.ndarray, i
         data, name = source, name or "<bytes>"
     else:
         name = name or str(source)
-        try:
-            data = Path(source).read_bytes()
-        except OSError as err:
-            raise DataError(f"cannot read {name}: {err.strerror or err}") from None
+        data = read_regular_file(Path(source), name)
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS decides, below
+            img = Image.open(io.BytesIO(data))
+        with img:
+            if img.width * img.height > MAX_PIXELS:  # from the header: nothing decoded yet
+                raise DataError(f"{name} is {img.width}x{img.height} pixels, more than tinyunet reads "
+                                f"({MAX_PIXELS:,} px): cut it into smaller images")
             img.load()
             mode = img.mode
             if mode in ("CMYK", "YCbCr", "LAB", "HSV"):  # colour in another space: as RGB
@@ -107,6 +118,8 @@ def _decode(source: str | Path | bytes, name: str | None) -> tuple[np.ndarray, i
             if mode in ("P", "PA"):  # palette indices mean nothing: look the colours up
                 img = img.convert("RGBA" if mode == "PA" else "RGB")
             pixels = np.asarray(img)  # (H, W) or (H, W, bands)
+    except Image.DecompressionBombError as err:
+        raise DataError(f"{name} is too large to decode ({err}): cut it into smaller images") from None
     except _DECODE_ERRORS as err:
         raise DataError(f"cannot decode {name} ({err}): the file is corrupt or truncated; "
                         "re-download it or remove it") from None
@@ -159,12 +172,40 @@ def read_mask(source: str | Path | bytes, name: str | None = None,
 # Files in a folder or a zip
 # --------------------------------------------------------------------------------------------
 
+def read_regular_file(path: Path, name: str, top: Path | None = None) -> bytes:
+    """The bytes of ``path``, which must be a regular file of at most :data:`MAX_FILE_BYTES` (and, with
+    ``top``, lie inside that folder once links are followed); DataError (one line) otherwise.
+
+    Opened without blocking and checked before reading, so a FIFO named x.png, a link to /dev/zero or a
+    link leaving the data folder is refused at once instead of hanging or filling the memory.
+    """
+    if top is not None and not path.resolve().is_relative_to(top.resolve()):
+        raise DataError(f"{name} is a link to {path.resolve()}, outside the data folder {top}: copy the file "
+                        "into the folder, or give the folder it lies in")
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as err:
+        raise DataError(f"cannot read {name}: {err.strerror or err}") from None
+    with open(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise DataError(f"{name} is not a regular file (a FIFO, a device or a socket): remove it from the data")
+        if info.st_size > MAX_FILE_BYTES:
+            raise DataError(f"{name} holds {info.st_size / 2**20:,.0f} MiB, more than tinyunet reads from one file "
+                            f"({MAX_FILE_BYTES / 2**20:,.0f} MiB): remove it, or cut it into smaller files")
+        try:
+            return f.read(MAX_FILE_BYTES + 1)
+        except OSError as err:
+            raise DataError(f"cannot read {name}: {err.strerror or err}") from None
+
+
 class _DirTree:
     """Read-only view of a folder; relative names use '/'."""
 
-    def __init__(self, root: Path, label: str):
+    def __init__(self, root: Path, label: str, top: Path | None = None):
         self.root = root
         self.label = label  # how messages name it
+        self.top = top or root  # the data folder: no file is read from outside it
 
     def has_dir(self, rel: str) -> bool:
         return (self.root / rel).is_dir()
@@ -178,13 +219,10 @@ class _DirTree:
         return sorted(p.name + "/" if p.is_dir() else p.name for p in folder.iterdir())
 
     def read(self, rel: str) -> bytes:
-        try:
-            return (self.root / rel).read_bytes()
-        except OSError as err:
-            raise DataError(f"cannot read {self.label}/{rel}: {err.strerror or err}") from None
+        return read_regular_file(self.root / rel, f"{self.label}/{rel}", self.top)
 
     def sub(self, rel: str) -> _DirTree:
-        return _DirTree(self.root / rel, f"{self.label}/{rel}")
+        return _DirTree(self.root / rel, f"{self.label}/{rel}", self.top)
 
 
 class _ZipTree:
@@ -217,6 +255,10 @@ class _ZipTree:
         return sorted(found)
 
     def read(self, rel: str) -> bytes:
+        declared = self.zf.getinfo(self.prefix + rel).file_size  # the zip's word, held to it when reading
+        if declared > MAX_FILE_BYTES:
+            raise DataError(f"{self.label}/{rel} declares {declared / 2**20:,.0f} MiB in the zip, more than tinyunet "
+                            f"reads from one file ({MAX_FILE_BYTES / 2**20:,.0f} MiB): refused unread")
         try:
             return self.zf.read(self.prefix + rel)
         except (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError,
@@ -387,17 +429,20 @@ def _read_csv(tree, name: str, columns: tuple[str, ...]) -> dict[str, dict[str, 
         text = tree.read(name).decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise DataError(f"{where} is not UTF-8 text ({err}): re-download it") from None
-    reader = csv.DictReader(io.StringIO(text))
-    missing = [c for c in columns if c not in (reader.fieldnames or [])]
-    if missing:
-        raise DataError(f"{where} has no column {missing[0]!r} (header: {reader.fieldnames}): "
-                        f"expected a header line '{','.join(columns)}'")
+    reader = csv.DictReader(io.StringIO(text, newline=""))  # any line ending: \n, \r\n or \r alone
     rows: dict[str, dict[str, str]] = {}
-    for row in reader:
-        image_id = check_id(row["id"] or "", where)
-        if image_id in rows:
-            raise DataError(f"id {image_id} appears twice in {where}: keep one row per id")
-        rows[image_id] = row
+    try:
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"{where} has no column {missing[0]!r} (header: {reader.fieldnames}): "
+                            f"expected a header line '{','.join(columns)}'")
+        for row in reader:
+            image_id = check_id(row["id"] or "", where)
+            if image_id in rows:
+                raise DataError(f"id {image_id} appears twice in {where}: keep one row per id")
+            rows[image_id] = row
+    except csv.Error as err:  # a field over MAX_CSV_FIELD, a NUL byte, a quote left open
+        raise DataError(f"{where} is not a readable CSV (line {reader.line_num}: {err}): fix that line") from None
     return rows
 
 
