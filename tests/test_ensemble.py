@@ -39,7 +39,7 @@ def test_an_ensemble_forward_is_the_logit_of_its_members_mean_probability():
 
 def test_predict_with_an_ensemble_applies_its_tta_threshold_and_empty_rule(cosine_run, tiny_data, tmp_path):
     model, ckpt = load_model(cosine_run / "ensemble.npz")
-    out = tmp_path / "sub.csv"
+    out = tmp_path / "sub"
     result = predict(model=cosine_run / "ensemble.npz", data=tiny_data, out=out, progress=False, log=lambda m: None)
     from tinyunet.data import load_test
 
@@ -48,7 +48,8 @@ def test_predict_with_an_ensemble_applies_its_tta_threshold_and_empty_rule(cosin
     np.testing.assert_allclose(result.probs, expected, rtol=1e-6, atol=1e-7)
     masks = drop_small(expected > np.float32(ckpt.meta["best_threshold"]), ckpt.meta["min_area"])
     np.testing.assert_array_equal(result.masks, masks)
-    assert out.read_text().splitlines()[0] == "id,rle_mask" and len(out.read_text().splitlines()) == 1 + len(ids)
+    lines = (out / "submission.csv").read_text().splitlines()
+    assert lines[0] == "id,rle_mask" and len(lines) == 1 + len(ids)
     report = predict(model=cosine_run / "ensemble.npz", data=tiny_data, out=tmp_path / "eval.csv", evaluate=True,
                      progress=False, log=lambda m: None).report
     assert report.threshold == ckpt.meta["best_threshold"]

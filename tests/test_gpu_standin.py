@@ -81,14 +81,14 @@ def test_train_resume_predict_and_evaluate_on_the_gpu(gpu, tiny_data, tmp_path, 
     assert isinstance(by_gpu.probs, np.ndarray) and by_gpu.probs.shape == (4, 101, 101)
     np.testing.assert_allclose(by_gpu.probs, by_cpu.probs, rtol=0, atol=0 if exact else 1e-5)
     if exact:
-        assert (tmp_path / "gpu.csv").read_text() == (tmp_path / "cpu.csv").read_text()
+        assert (tmp_path / "gpu.csv" / "submission.csv").read_text() == (tmp_path / "cpu.csv" / "submission.csv").read_text()
 
     capsys.readouterr()
     code = predict_main(["--model", str(on_gpu / "best.npz"), "--data", str(tiny_data), "--gpu",
-                             "--evaluate", "--out", str(tmp_path / "eval" / "submission.csv")])
+                             "--evaluate", "--out", str(tmp_path / "eval")])
     printed = capsys.readouterr().out
     assert code == 0 and "GPU (CuPy)" in printed and "competition score" in printed
-    assert (tmp_path / "eval" / "submission_threshold.png").is_file()
+    assert (tmp_path / "eval" / "threshold.png").is_file()
 
 
 def test_gpu_inference_runs_the_whole_shard_at_once(gpu):

@@ -138,9 +138,9 @@ def test_identity_model_computes_its_formula():
 
 def test_submission_format_and_round_trip(tmp_path, pattern_data):
     data, test = pattern_data
-    out = tmp_path / "sub.csv"
+    out = tmp_path / "sub"
     result = predict(model=save_model(tmp_path / "m.npz", data), out=out, progress=False, log=quiet)
-    header, rows = read_submission(out)
+    header, rows = read_submission(out / "submission.csv")
     assert header == ["id", "rle_mask"]
     assert [row[0] for row in rows] == sorted(test)  # every image once, ids as in the file names
     assert all(len(row) == 2 for row in rows)
@@ -152,21 +152,21 @@ def test_submission_format_and_round_trip(tmp_path, pattern_data):
     assert by_id["b0blank"] == ""  # no salt: an empty string
     assert by_id["a1full"] == "1 10201"
     assert by_id["c2box"] == "314 10 415 10"  # column 3 starts at pixel 3 * 101 + 1; row 10 adds 10
-    assert result.submission == out and result.masks.dtype == bool
+    assert result.submission == out / "submission.csv" and result.masks.dtype == bool
     assert result.masks.shape == (4, 101, 101) and result.probs.shape == (4, 101, 101)
     assert result.images_per_s > 0
-    assert (tmp_path / "sub_preview.png").is_file() and result.preview == tmp_path / "sub_preview.png"
+    assert (out / "preview.png").is_file() and result.preview == out / "preview.png"
 
 
 def test_empty_cell_reads_back_as_no_salt(tmp_path, pattern_data):
     """The raw file: header line, 'id,' for an empty mask, Unix newlines."""
     data, _ = pattern_data
-    out = tmp_path / "sub.csv"
+    out = tmp_path / "sub"
     predict(model=save_model(tmp_path / "m.npz", data), out=out, progress=False, log=quiet)
-    lines = out.read_text(encoding="utf-8").split("\n")
+    lines = (out / "submission.csv").read_text(encoding="utf-8").split("\n")
     assert lines[0] == "id,rle_mask" and lines[-1] == ""
     assert "b0blank," in lines and "a1full,1 10201" in lines
-    assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path))
+    assert not any(name.endswith(".tmp") for name in os.listdir(out))
 
 
 def test_threshold_flag_checkpoint_and_default(tmp_path):
@@ -182,14 +182,14 @@ def test_threshold_flag_checkpoint_and_default(tmp_path):
     lines = []
     for i, (flag, best, expected, source) in enumerate(cases):
         model = save_model(tmp_path / f"m{i}.npz", data, best_threshold=best)
-        result = predict(model=model, out=tmp_path / f"s{i}.csv", threshold=flag,
+        result = predict(model=model, out=tmp_path / f"s{i}.csv", threshold=flag, kaggle_csv=True,
                          progress=False, log=lines.append)
         assert result.threshold == expected and result.threshold_source == source
         # p > t  <=>  x > 0.5 + logit(t) / K; no pixel value lies within 1e-3 of that edge
         edge = 0.5 + (math.log(expected / (1 - expected)) / K if 0 < expected < 1 else -math.inf)
         assert np.abs(x - edge).min() > 1e-3
         np.testing.assert_array_equal(result.masks[0], x > edge)
-        _, rows = read_submission(tmp_path / f"s{i}.csv")
+        _, rows = read_submission(tmp_path / f"s{i}.csv" / "submission.csv")
         np.testing.assert_array_equal(rle_decode(rows[0][1], ramp.shape), x > edge)
     assert any("records no best threshold" in line and "0.5" in line for line in lines)
 
@@ -233,9 +233,9 @@ def test_tta_is_mirror_symmetric_with_odd_padding(tmp_path):
 
 def test_save_masks(tmp_path, pattern_data):
     data, test = pattern_data
-    folder = tmp_path / "masks" / "nested"
-    result = predict(model=save_model(tmp_path / "m.npz", data), out=tmp_path / "s.csv",
-                     save_masks=folder, progress=False, log=quiet)
+    result = predict(model=save_model(tmp_path / "m.npz", data), out=tmp_path / "s",
+                     save_masks=True, progress=False, log=quiet)
+    folder = tmp_path / "s" / "masks"
     assert result.masks_dir == folder
     assert sorted(os.listdir(folder)) == sorted(f"{i}.png" for i in test)
     for image_id, pixels in test.items():
@@ -253,11 +253,11 @@ def test_any_image_size_512(tmp_path):
            "big1": np.where(np.arange(512)[None, :] < 300, 250, 10).repeat(512, 0).astype(np.uint8)}
     data = make_data(tmp_path / "data", test=big)
     for fit in ("resize", "pad"):
-        out = tmp_path / f"{fit}.csv"
+        out = tmp_path / fit
         result = predict(model=save_model(tmp_path / f"{fit}.npz", data, fit=fit, input_size=32),
-                         out=out, batch_size=1, progress=False, log=quiet)
+                         out=out, batch_size=1, kaggle_csv=True, progress=False, log=quiet)
         assert result.probs.shape == (2, 512, 512)
-        _, rows = read_submission(out)
+        _, rows = read_submission(out / "submission.csv")
         decoded = np.stack([rle_decode(rle, (512, 512)) for _, rle in rows])
         np.testing.assert_array_equal(decoded, result.masks)
         for k, image_id in enumerate(sorted(big)):  # exact with pad, off near the edges with resize
@@ -284,10 +284,10 @@ def test_competition_zip(tmp_path, pattern_data):
     with zipfile.ZipFile(archive, "w") as zf:
         for image_id in test:
             zf.write(data / "test" / "images" / f"{image_id}.png", f"test/images/{image_id}.png")
-    out = tmp_path / "z.csv"
+    out = tmp_path / "z"
     predict(model=save_model(tmp_path / "m.npz", None), data=archive, out=out, progress=False,
             log=quiet)
-    assert dict(read_submission(out)[1])["c2box"] == "314 10 415 10"
+    assert dict(read_submission(out / "submission.csv")[1])["c2box"] == "314 10 415 10"
 
 
 def test_failed_write_keeps_the_old_submission(tmp_path, monkeypatch):
@@ -339,12 +339,13 @@ def test_evaluate_report_numbers():
 def test_evaluate_format_table():
     truth = np.zeros((3, 8, 8), bool)
     truth[1, :4] = True
-    text = evaluate(truth, truth.astype(np.float32), threshold=0.5).format()
-    for words in ("competition score   1.0000", "mean IoU", "pixel accuracy", "empty", "(40, 50%]",
-                  "(90, 100%]"):
+    text = evaluate(truth, truth.astype(np.float32), threshold=0.5).format("mask")
+    for words in ("competition score   1.0000", "Dice                1.0000 per image, 1.0000 over the set",
+                  "IoU                 1.0000", "pixel accuracy", "empty", "(40, 50%]", "(90, 100%]", "mask"):
         assert words in text
+    assert "salt" not in text
     lines = text.splitlines()
-    assert len(lines) == 6 + 11  # headline, 3 numbers, 2 header lines, 11 classes
+    assert len(lines) == 7 + 11  # headline, 4 numbers, 2 header lines, 11 classes
     assert lines[-1].split()[0] == "10" and lines[-1].split()[-1] == "-"  # an empty class
 
 
@@ -366,16 +367,16 @@ def test_predict_evaluate(tmp_path, capsys):
         train[f"t{k}"] = (pixels, mask)
     data = make_data(tmp_path / "data", train=train)  # no test part: --evaluate does not need one
     model = save_model(tmp_path / "m.npz", data, best_threshold=0.5)
-    out = tmp_path / "eval" / "submission.csv"
+    out = tmp_path / "eval"
     code = predict_main(["--model", str(model), "--out", str(out), "--evaluate"])
     printed = capsys.readouterr().out
     assert code == 0
-    assert "competition score" in printed and "mean IoU" in printed and "pixel accuracy" in printed
-    assert "per coverage class" in printed and "images/s" in printed
-    assert (tmp_path / "eval" / "submission_threshold.png").is_file()
-    assert (tmp_path / "eval" / "submission_preview.png").is_file()
-    assert not out.exists()  # evaluation writes no submission
-    result = predict(model=model, out=out, evaluate=True, progress=False, log=quiet)
+    assert "competition score" in printed and "Dice" in printed and "IoU" in printed and "pixel accuracy" in printed
+    assert "per coverage class" in printed and "images/s" in printed and "salt" not in printed
+    assert (out / "threshold.png").is_file() and (out / "preview.png").is_file()
+    assert (out / "scores.csv").read_text().splitlines()[0] == "id,dice,iou,competition_score"
+    assert not (out / "submission.csv").exists()  # evaluation writes no submission
+    result = predict(model=model, out=tmp_path / "again", evaluate=True, progress=False, log=quiet)
     masks = np.stack([train[i][1] for i in sorted(train)])
     assert result.report.score == pytest.approx(evaluate(masks, result.probs, 0.5).score)
     assert result.report.score < 1 and result.report.threshold_source == "from the checkpoint"
@@ -419,9 +420,11 @@ def test_default_model_via_runs_latest(tmp_path, pattern_data):
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
     assert "images/s" in done.stdout
-    _, rows = read_submission(work / "submission.csv")
+    assert sorted(os.listdir(work)) == ["runs"]  # nothing in the current folder
+    (folder,) = (work / "runs" / "20240101-120000" / "predictions").iterdir()  # beside the model
+    _, rows = read_submission(folder / "submission.csv")
     assert [row[0] for row in rows] == sorted(test)
-    assert (work / "submission_preview.png").is_file()
+    assert (folder / "preview.png").is_file()
 
 
 def _bad_checkpoint_files(folder: Path, data: Path) -> dict[str, Path]:
@@ -468,11 +471,10 @@ ERROR_CASES = {
     "missing data": (lambda s: ["--model", s["good"], "--data", s["tmp"] / "nowhere"], "does not exist"),
     "data not in layout": (lambda s: ["--model", s["good"], "--data", s["tmp"] / "bad"],
                            "has no test/images"),
-    "output under a file": (lambda s: ["--model", s["good"], "--out", s["blocker"] / "sub.csv"],
+    "output under a file": (lambda s: ["--model", s["good"], "--out", s["blocker"] / "sub"],
                             "a_file is a file, not a folder"),
-    "output is a folder": (lambda s: ["--model", s["good"], "--out", s["tmp"]], "is a folder"),
-    "masks dir is a file": (lambda s: ["--model", s["good"], "--save-masks", s["blocker"]],
-                            "is a file, not a folder"),
+    "output is a file": (lambda s: ["--model", s["good"], "--out", s["blocker"]], "is a file: give a folder"),
+    "output holds files": (lambda s: ["--model", s["good"], "--out", s["tmp"]], "already holds files"),
 }
 
 

@@ -264,9 +264,9 @@ def oblong_set(tmp_path_factory) -> Path:
 def _train_then_predict(data: Path, tmp_path: Path, fit: str, shape: tuple[int, int], capsys,
                         processes: bool = False) -> None:
     """train.py 1 epoch, then predict.py; in this process, or as real processes (``processes``)."""
-    run, out = tmp_path / "run", tmp_path / "submission.csv"
+    run, out = tmp_path / "run", tmp_path / "predicted"
     train_argv = ["--data", data, "--out", run, "--epochs", "1", "--batch-size", "2", "--fit", fit, *TINY_FLAGS]
-    predict_argv = ["--model", run / "best.npz", "--data", data, "--out", out, "--batch-size", "1"]
+    predict_argv = ["--model", run / "best.npz", "--data", data, "--out", out, "--batch-size", "1", "--csv"]
     if processes:  # one BLAS thread: on a busy machine OpenBLAS's threads make 512 x 512 convs 10x slower
         env = {**ENV, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         for script, argv in (("train.py", train_argv), ("predict.py", predict_argv)):
@@ -281,7 +281,7 @@ def _train_then_predict(data: Path, tmp_path: Path, fit: str, shape: tuple[int, 
     assert meta["fit"] == fit and 0 <= meta["best_threshold"] <= 1
 
     ids = sorted(p.stem for p in (data / "test" / "images").iterdir())
-    with open(out, newline="") as f:
+    with open(out / "submission.csv", newline="") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["id", "rle_mask"] and [row[0] for row in rows[1:]] == ids
     decoded = np.stack([rle_decode(row[1], shape) for row in rows[1:]])
@@ -318,7 +318,7 @@ def test_nan_pixels_stop_training_in_one_line_and_damage_nothing(finished, tiny_
     capsys.readouterr()
     before = snapshot(finished)
 
-    def poisoned(path):
+    def poisoned(path, *settings):
         data = load_train(path)
         images = data.images.copy()
         images[3, 5, 7] = np.nan

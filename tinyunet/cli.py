@@ -22,7 +22,7 @@ from pathlib import Path
 from tinyunet.blocks import BLOCKS
 from tinyunet.config import BEST, FLIP_MODES, MONITORS, QUICK, SCHEDULES, ConfigError, TrainConfig, build_config, flag
 from tinyunet.losses import LOSSES
-from tinyunet.pipeline import FITS
+from tinyunet.pipeline import FITS, TILE
 
 EXIT_USAGE = 2  # bad input a user can fix (flags, data, checkpoints, GPU)
 EXIT_DIVERGED = 1
@@ -128,9 +128,14 @@ def parse_train_args(argv: list[str] | None = None) -> tuple[dict, bool]:
     parser.add_argument("--recipe", dest="preset", choices=("seed", "best"), help="the defaults: 'seed', the walkthrough's recipe (0.725 here), or "
                         "'best', the measured best of docs/accuracy.md (every flag below still overrides them; "
                         "default: seed, or the quick run when there is no data)")
-    parser.add_argument("--data", help="folder in Kaggle's layout (train/images, train/masks, train.csv, "
+    parser.add_argument("--data", help="folder or zip: a plain DATA/images + DATA/masks pair matched by name, or Kaggle's layout (train/images, train/masks, train.csv, "
                         "test/images) or the competition's zip; default: ./data/tgs-salt-identification-"
                         "challenge.zip or ./data/tgs-salt if present, else the built-in synthetic set")
+    parser.add_argument("--mask-suffix", help="a plain layout's mask names: the image's name plus this "
+                        "(images/cat_01.jpg <-> masks/cat_01_mask.png with --mask-suffix _mask; default: none)")
+    parser.add_argument("--mask-threshold", type=float, help="binarise soft masks: foreground where the value, "
+                        "as a share of the mask's full scale, is above this (e.g. 0.5; default: any value > 0, "
+                        "and a mask with more than two values is refused)")
     parser.add_argument("--gpu", action="store_true", help="train on the GPU with CuPy (default: CPU, NumPy)")
     parser.add_argument("--threads", type=int, help="CPU threads sharing every batch, each running the whole "
                         "network on its share (default: every usable core; results differ slightly with the "
@@ -268,16 +273,19 @@ def train_main(argv: list[str] | None = None) -> int:
 # ------------------------------------------------------------------------------------------------
 
 def predict_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=_prog("predict"), allow_abbrev=False, description="Predict salt masks with a trained tinyunet model and write a Kaggle "
-                            "submission (or score a labelled set with --evaluate).")
+    p = _Parser(prog=_prog("predict"), allow_abbrev=False, description="Predict masks with a trained tinyunet "
+                "model: a preview, full-size mask PNGs, overlays, the Kaggle CSV for TGS-like data (or score a "
+                "labelled set with --evaluate). Every output goes into one new folder.")
     p.add_argument("--model", default=None,
                    help="checkpoint to use (default: runs/<name in runs/latest>/best.npz, the newest "
                         "training run's best model)")
-    p.add_argument("--data", default=None,
-                   help="data folder or competition zip in Kaggle's layout (default: the data the "
+    p.add_argument("--data", default=None, nargs="+", metavar="PATH",
+                   help="what to predict: a folder or zip (Kaggle's layout: test/images; a plain layout: "
+                        "test/; or a folder of images), or one or more image files (default: the data the "
                         "checkpoint was trained on)")
-    p.add_argument("--out", default="submission.csv",
-                   help="submission CSV to write (default: submission.csv)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="folder for every output, new or empty (default: a new predictions/<YYYYmmdd-HHMMSS> "
+                        "beside the model; never the current folder)")
     p.add_argument("--gpu", action="store_true", help="predict on the GPU with CuPy")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads sharing every batch (default: every usable core)")
@@ -287,17 +295,23 @@ def predict_parser() -> argparse.ArgumentParser:
                    help="test-time augmentation: average with the prediction of the mirrored image "
                         "(default: as the checkpoint records, off when it records nothing)")
     p.add_argument("--threshold", type=float, default=None,
-                   help="probability above which a pixel is salt, in [0, 1] (default: the "
+                   help="probability above which a pixel is foreground, in [0, 1] (default: the "
                         "checkpoint's best threshold, else 0.5)")
-    p.add_argument("--save-masks", metavar="DIR", default=None,
-                   help="also save the predicted masks as <id>.png (8-bit, 0/255) in DIR")
-    p.add_argument("--preview", metavar="PNG", default=None,
-                   help="preview grid of inputs, probabilities and masks (default: <out "
-                        "stem>_preview.png next to --out)")
-    p.add_argument("--evaluate", action="store_true",
-                   help="score the labelled train part of --data instead: print the competition "
-                        "score, IoU, pixel accuracy and score per coverage class, and save "
-                        "<out stem>_threshold.png; writes no submission")
+    p.add_argument("--save-masks", action="store_true",
+                   help="also save each predicted mask at its image's size as masks/<name>.png (8-bit, 0/255)")
+    p.add_argument("--overlays", action="store_true",
+                   help="also save each image with its mask's outline in red as overlays/<name>.png")
+    p.add_argument("--csv", dest="kaggle_csv", action=argparse.BooleanOptionalAction, default=None,
+                   help="write Kaggle's submission.csv (id,rle_mask) (default: only for TGS-like images, "
+                        "101x101 gray, and not with --evaluate)")
+    p.add_argument("--tile", type=int, default=TILE,
+                   help="with a padded model, predict images larger than this on a side in overlapping "
+                        "tiles of this side, bounding memory (default: %(default)s)")
+    p.add_argument("--evaluate", nargs="?", const="all", default=False, choices=("all", "val"),
+                   help="score labelled images instead: 'all' (the default) every image of --data, 'val' "
+                        "exactly the validation part of the model's own training split; prints Dice, IoU "
+                        "(per image and over the set), the competition score and pixel accuracy, and saves "
+                        "scores.csv and threshold.png")
     p.add_argument("--debug", action="store_true",
                    help="show the full traceback on errors")
     return p
@@ -312,7 +326,8 @@ def predict_main(argv: list[str] | None = None) -> int:
         with _sigterm_as(KeyboardInterrupt) as terminated:
             predict(model=args.model, data=args.data, out=args.out, gpu=args.gpu, threads=args.threads,
                     batch_size=args.batch_size, tta=args.tta, threshold=args.threshold,
-                    save_masks=args.save_masks, preview=args.preview, evaluate=args.evaluate)
+                    save_masks=args.save_masks, overlays=args.overlays, kaggle_csv=args.kaggle_csv,
+                    evaluate=args.evaluate, tile=args.tile)
     except USER_ERRORS as err:
         if args.debug:
             raise

@@ -33,7 +33,9 @@ from tinyunet.unet import MAX_DEPTH, MAX_WIDTH, default_dropout
 class TrainConfig:
     """Every training setting, with the seed recipe's values as defaults."""
 
-    data: str | None = None  # folder or zip in Kaggle's layout; None: ./data/... or the synthetic set
+    data: str | None = None  # folder or zip: Kaggle's layout or images/ + masks/; None: ./data/... or the synthetic set
+    mask_suffix: str = ""  # a mask's file stem is its image's plus this (images/a.jpg <-> masks/a_mask.png)
+    mask_threshold: float | None = None  # binarise soft masks: foreground above this share of full scale
     gpu: bool = False  # train on CuPy
     threads: int | None = None  # CPU threads sharing every batch (tinyunet.parallel); None: every usable core
     epochs: int = 40  # total epochs (a resumed run counts the ones already done)
@@ -102,7 +104,7 @@ MIN_AREAS = (0, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 400, 500, 700, 1000) 
 
 # Settings that decide the model, the split or the geometry: a resumed run must keep them.
 FIXED_ON_RESUME = ("features", "depth", "dropout", "block", "fit", "input_size", "val_split", "seed", "flip",
-                   "flip_mode", "limit", "folds", "fold")
+                   "flip_mode", "limit", "folds", "fold", "mask_suffix", "mask_threshold")
 FLIP_MODES = ("double", "random")
 SCHEDULES = ("plateau", "cosine")
 MONITORS = {"val_loss": "min", "val_score": "max"}  # a monitored value and the direction it improves in
@@ -230,5 +232,9 @@ def validate(config: TrainConfig) -> None:
          "cross-validation) to 20")
     need(config.fold is None or (_is_int(config.fold) and 0 <= config.fold < config.folds), "fold",
          f"it must be a fold number from 0 to {config.folds - 1} (with --folds {config.folds})")
+    need(isinstance(config.mask_suffix, str) and "/" not in config.mask_suffix, "mask_suffix",
+         "it must be the end of a file name, e.g. _mask")
+    need(config.mask_threshold is None or (_is_number(config.mask_threshold) and 0 <= config.mask_threshold < 1),
+         "mask_threshold", "it must be in [0, 1), e.g. 0.5 (a share of the mask's full scale)")
     need(config.threads is None or (_is_int(config.threads) and config.threads >= 1), "threads",
          "it must be a whole number >= 1 (or leave it out to use every core)")

@@ -26,9 +26,9 @@ import numpy as np
 
 from tinyunet.backend import as_numpy
 from tinyunet.data import coverage, coverage_class
-from tinyunet.metrics import (best_threshold, drop_small, image_scores, iou, pixel_accuracy, threshold_sweep,
-                              to_bool)
+from tinyunet.metrics import best_threshold, dice, drop_small, image_scores, iou, pooled_iou_dice, threshold_sweep, to_bool
 from tinyunet.pipeline import binarize
+from tinyunet.transforms import canvas
 
 N_CLASSES = 11  # coverage classes 0 (empty) .. 10
 
@@ -51,7 +51,13 @@ class Report:
     best_score: float  # ... and its score
     score: float  # competition score at ``threshold``
     mean_iou: float  # mean over images of the IoU at ``threshold`` (1 where both masks are empty)
+    mean_dice: float  # mean over images of the Dice coefficient at ``threshold`` (1 where both are empty)
+    set_iou: float  # IoU over the whole set's pixels at ``threshold``
+    set_dice: float  # Dice over the whole set's pixels at ``threshold``
     pixel_accuracy: float  # fraction of all pixels predicted right at ``threshold``
+    image_iou: np.ndarray = field(repr=False)  # (N,) IoU of each image
+    image_dice: np.ndarray = field(repr=False)  # (N,) Dice of each image
+    image_scores: np.ndarray = field(repr=False)  # (N,) competition score of each image
     class_counts: np.ndarray = field(repr=False)  # (11,) images per coverage class of the truth
     class_scores: np.ndarray = field(repr=False)  # (11,) mean competition score per class, NaN if none
     class_iou: np.ndarray = field(repr=False)  # (11,) mean IoU per class, NaN if none
@@ -65,22 +71,25 @@ class Report:
             "n_images": self.n_images, "threshold": self.threshold,
             "threshold_source": self.threshold_source, "best_threshold": self.best_threshold,
             "best_score": self.best_score, "score": self.score, "mean_iou": self.mean_iou,
+            "mean_dice": self.mean_dice, "set_iou": self.set_iou, "set_dice": self.set_dice,
             "pixel_accuracy": self.pixel_accuracy,
             "thresholds": floats(self.thresholds), "scores": floats(self.scores),
             "class_counts": [int(c) for c in self.class_counts],
             "class_scores": floats(self.class_scores), "class_iou": floats(self.class_iou),
         }
 
-    def format(self) -> str:
-        """A readable table: the headline numbers, then one line per coverage class."""
+    def format(self, what: str = "salt") -> str:
+        """A readable table: the headline numbers, then one line per coverage class of ``what`` (the
+        foreground's name: "salt" for TGS, "mask" for other data)."""
         lines = [
             f"{self.n_images} images, threshold {self.threshold:.3f} ({self.threshold_source}); "
-            f"the sweep's best is {self.best_threshold:.3f} (score {self.best_score:.4f})",
-            f"  competition score   {self.score:.4f}",
-            f"  mean IoU            {self.mean_iou:.4f}",
+            f"the sweep's best is {self.best_threshold:.3f} (competition score {self.best_score:.4f})",
+            f"  Dice                {self.mean_dice:.4f} per image, {self.set_dice:.4f} over the set",
+            f"  IoU                 {self.mean_iou:.4f} per image, {self.set_iou:.4f} over the set",
+            f"  competition score   {self.score:.4f} (TGS: precision over IoU thresholds 0.5-0.95)",
             f"  pixel accuracy      {self.pixel_accuracy:.4f}",
             "  per coverage class of the truth:",
-            f"  {'class':>5}  {'salt':<11} {'images':>6}  {'share':>6}  {'score':>6}  {'IoU':>6}",
+            f"  {'class':>5}  {what:<11} {'images':>6}  {'share':>6}  {'score':>6}  {'IoU':>6}",
         ]
         for c in range(N_CLASSES):
             count = int(self.class_counts[c])
@@ -96,13 +105,17 @@ def evaluate(truth, probs, threshold: float | None = None, threshold_source: str
              n_thresholds: int = 50, min_area: int = 0) -> Report:
     """Score probabilities ``probs`` (N, H, W) against boolean (or 0/1) masks ``truth`` (N, H, W).
 
-    Sweeps ``n_thresholds`` probability thresholds in [0, 1]; the numbers at one threshold are taken
+    A set of mixed sizes comes as lists of (H, W) arrays; they are scored on one canvas, background
+    around each image, which no per-image count sees. Sweeps ``n_thresholds`` probability thresholds in [0, 1]; the numbers at one threshold are taken
     at ``threshold`` when given, else at the sweep's best. ``threshold_source`` says in the report
     where a given threshold came from (default "given"). A pixel is salt when its probability is
     greater than the threshold, as in prediction; with ``min_area`` the empty-mask rule applies too
     (:func:`tinyunet.metrics.drop_small`), in the sweep and at the threshold.
     """
-    truth = to_bool(truth, "truth")
+    cov = as_numpy(coverage(truth))  # (N,) of each image's own pixels
+    pixels = sum(int(t.size) for t in truth) if isinstance(truth, list) else None
+    truth, probs = to_bool(canvas(truth), "truth"), canvas(probs)
+    pixels = pixels or int(truth.size)
     if truth.ndim != 3 or truth.shape != probs.shape:
         raise ValueError(f"evaluate needs truth and probs of one (N, H, W) shape, got {truth.shape} "
                          f"and {probs.shape}")
@@ -122,7 +135,9 @@ def evaluate(truth, probs, threshold: float | None = None, threshold_source: str
     truth = as_numpy(truth)
     per_image = image_scores(truth, pred)  # (N,)
     per_iou = iou(truth, pred)  # (N,)
-    classes = as_numpy(coverage_class(coverage(truth)))  # (N,)
+    per_dice = dice(truth, pred)  # (N,)
+    set_iou, set_dice = pooled_iou_dice(truth, pred)
+    classes = as_numpy(coverage_class(cov))  # (N,)
     counts = np.bincount(classes, minlength=N_CLASSES)  # (11,)
     with np.errstate(invalid="ignore", divide="ignore"):  # empty classes -> NaN
         class_scores = np.bincount(classes, per_image, minlength=N_CLASSES) / counts
@@ -130,7 +145,8 @@ def evaluate(truth, probs, threshold: float | None = None, threshold_source: str
     return Report(
         n_images=int(truth.shape[0]), thresholds=thresholds, scores=scores, threshold=threshold,
         threshold_source=threshold_source, best_threshold=best_t, best_score=best_s,
-        score=float(per_image.mean()), mean_iou=float(per_iou.mean()),
-        pixel_accuracy=pixel_accuracy(truth, pred),
+        score=float(per_image.mean()), mean_iou=float(per_iou.mean()), mean_dice=float(per_dice.mean()),
+        set_iou=set_iou, set_dice=set_dice, pixel_accuracy=1 - int((truth != pred).sum()) / pixels,
+        image_iou=per_iou, image_dice=per_dice, image_scores=per_image,
         class_counts=counts, class_scores=class_scores, class_iou=class_iou,
     )

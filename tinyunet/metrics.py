@@ -98,6 +98,20 @@ def iou(truth, pred) -> np.ndarray:
     return as_numpy(xp.where(union == 0, 1.0, inter / xp.maximum(union, 1)))
 
 
+def dice(truth, pred) -> np.ndarray:
+    """Dice coefficient per image, 2I / (|truth| + |pred|) = 2I / (I + U), ``(N,)`` float64 (1 where both
+    masks are empty)."""
+    xp = get_array_module(truth, pred)
+    inter, union = _counts(truth, pred)
+    return as_numpy(xp.where(union == 0, 1.0, 2 * inter / xp.maximum(inter + union, 1)))
+
+
+def pooled_iou_dice(truth, pred) -> tuple[float, float]:
+    """IoU and Dice over the whole set, every pixel of every image counted together (1, 1 when both are empty)."""
+    inter, union = (int(c.sum()) for c in _counts(truth, pred))
+    return (inter / union, 2 * inter / (inter + union)) if union else (1.0, 1.0)
+
+
 def image_scores(truth, pred) -> np.ndarray:
     """The competition score of each image, ``(N,)`` float64 in [0, 1]; the competition score is its mean."""
     return as_numpy(_precision(*_counts(truth, pred)))

@@ -95,9 +95,6 @@ def _load_one(ckpt: Checkpoint, gpu: bool) -> UNet:
     """The U-Net of ``ckpt.meta["model"]`` with the checkpoint's arrays loaded (float16 ones widened)."""
     where, config = ckpt.path, ckpt.meta.get("model")
     check_model_settings(config, where)
-    if config.get("in_channels", 1) != 1:
-        raise CheckpointError(f"{where} holds a model for {config['in_channels']}-channel images, but "
-                              "predict.py feeds grayscale (1-channel) images; pass a model trained on them")
     dtype = float_dtype(ckpt)
     model = build_model(config, where, dtype=np.float32 if dtype == np.float16 else dtype, gpu=gpu)
     load_into(model, ckpt)

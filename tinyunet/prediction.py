@@ -34,16 +34,19 @@ import numpy as np
 
 from tinyunet.backend import GPUUnavailableError, as_numpy
 from tinyunet.checkpoint import CheckpointError
-from tinyunet.data import DataError, fingerprint, load_test, load_train
+from tinyunet.config import config_from_args
+from tinyunet.data import DataError, fingerprint, load_images, load_train
 from tinyunet.ensemble import Ensemble
 from tinyunet.evaluation import Report, evaluate as score_report
-from tinyunet.files import atomic_write, make_writable_folder, remove_stale_temporaries
+from tinyunet.files import atomic_write, make_writable_folder
 from tinyunet.metrics import drop_small
 from tinyunet.models import load_model
 from tinyunet.parallel import DataParallel
-from tinyunet.pipeline import binarize, probabilities
+from tinyunet.pipeline import TILE, binarize, probabilities
 from tinyunet.rle import rle_encode
-from tinyunet.runs import RunError, latest_model
+from tinyunet.prepare import load_split
+from tinyunet.runs import RunError, latest_model, new_run_folder
+from tinyunet.transforms import as_stack, canvas, channels, take, to_channels
 
 DEFAULT_THRESHOLD = 0.5  # used (with a note) when the checkpoint records no best threshold
 
@@ -72,6 +75,7 @@ class Prediction:
     masks_dir: Path | None  # where the mask PNGs went (--save-masks)
     threshold_plot: Path | None = None  # score vs threshold PNG (evaluate only)
     report: Report | None = None  # the scores (evaluate only)
+    folder: Path | None = None  # where every output went
 
 
 # ------------------------------------------------------------------------------------------------
@@ -106,39 +110,6 @@ def _writable_folder(folder: Path, what: str) -> None:
                            f"({err.strerror or err}): choose another location") from None
 
 
-def _check_file_target(path: Path, what: str) -> None:
-    """``path`` can be written as a file: it is not a folder and its folder is writable."""
-    if path.is_dir():
-        raise PredictError(f"{what} {path} is a folder: give a file name inside it")
-    _writable_folder(path.parent, what)
-
-
-def _refuse_inputs(targets: list[tuple[str, Path]], model_path: Path, data, ids: list[str]) -> None:
-    """PredictError when an output (``(flag, path)`` pairs) would overwrite the model just loaded, the
-    data file given, or an input image (a file named after an image id inside the data folder)."""
-    model_file, data_path = model_path.resolve(), Path(data).resolve()
-    stems = set(ids)
-    for flag, target in targets:
-        if not os.path.lexists(target):
-            continue
-        where = target.resolve()
-        if where == model_file:
-            raise PredictError(f"{flag} {target} is the model being used ({model_path}): predict.py never writes "
-                               f"over its inputs; choose another {flag}")
-        if where == data_path or (where.is_relative_to(data_path) and where.stem in stems):
-            raise PredictError(f"{flag} {target} is an input file of {data}: predict.py never writes over its "
-                               f"inputs; choose another {flag}")
-
-
-def _remove_temporaries(folders: list[Path], log: Callable[[str], None]) -> None:
-    """Delete the half-written files a killed predict.py left in the output folders, and say so."""
-    for folder in dict.fromkeys(folders):
-        stale = remove_stale_temporaries(folder)
-        if stale:
-            log(f"removed {len(stale)} half-written temporary file(s) a killed run left in {folder}: "
-                + ", ".join(p.name for p in stale))
-
-
 def write_submission(path: str | os.PathLike, ids: list[str], masks: np.ndarray) -> Path:
     """Write ``id,rle_mask`` rows for (N, H, W) boolean ``masks`` atomically; return the path.
 
@@ -158,12 +129,13 @@ def write_submission(path: str | os.PathLike, ids: list[str], masks: np.ndarray)
     return path
 
 
-def write_masks(folder: str | os.PathLike, ids: list[str], masks: np.ndarray) -> Path:
-    """Save each (H, W) mask as ``folder/<id>.png``, 8-bit, 0 (no salt) / 255 (salt)."""
+def write_masks(folder: str | os.PathLike, ids: list[str], masks) -> Path:
+    """Save each (H, W) mask, at its image's size, as ``folder/<id>.png``, 8-bit, 0 (background) / 255."""
     from PIL import Image
 
     folder = Path(folder)
-    for image_id, mask in zip(ids, masks):  # ids are plain file names: load_test checked them
+    folder.mkdir(parents=True, exist_ok=True)
+    for image_id, mask in zip(ids, masks):  # ids are plain file names: the readers checked them
         target = folder / f"{image_id}.png"
         try:
             Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L").save(target)
@@ -173,36 +145,86 @@ def write_masks(folder: str | os.PathLike, ids: list[str], masks: np.ndarray) ->
     return folder
 
 
+def write_overlays(folder: Path, ids: list[str], images, masks) -> Path:
+    """Save each image as ``folder/<id>.png`` (RGB) with its predicted mask's outline drawn in red."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for image_id, image, mask in zip(ids, images, masks):
+        rgb = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image[..., :3]  # (H, W, 3)
+        inner = np.pad(mask, 1, mode="edge")
+        inner = inner[:-2, 1:-1] & inner[2:, 1:-1] & inner[1:-1, :-2] & inner[1:-1, 2:] & mask
+        pixels = (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
+        pixels[mask & ~inner] = (255, 0, 0)  # the outline: mask pixels with a background neighbour
+        target = folder / f"{image_id}.png"
+        try:
+            Image.fromarray(pixels, mode="RGB").save(target)
+        except OSError as err:
+            raise PredictError(f"cannot write the overlay {target} ({err.strerror or err}): "
+                               "choose another --out") from None
+    return folder
+
+
+def tgs_like(images) -> bool:
+    """Whether images look like the TGS competition's: 101 x 101 and gray (then the Kaggle CSV and the
+    word "salt" apply)."""
+    return not isinstance(images, list) and images.shape[1:] == (101, 101)
+
+
+def output_folder(out: str | os.PathLike | None, model_path: Path) -> Path:
+    """The folder this command writes into, created: ``out``, which must be new or empty (one command never
+    overwrites another's files), or a new ``predictions/<YYYYmmdd-HHMMSS>`` beside the model."""
+    if out is None:
+        try:
+            return new_run_folder(model_path.parent / "predictions")
+        except OSError as err:
+            raise PredictError(f"cannot create a predictions folder beside {model_path} ({err.strerror or err}): "
+                               "pass --out") from None
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise PredictError(f"--out {out} is a file: give a folder (new or empty) for the predictions")
+    if out.is_dir() and any(out.iterdir()):
+        raise PredictError(f"--out {out} already holds files (another command's outputs?): choose a new or "
+                           "empty folder, or leave --out out for a new one beside the model")
+    _writable_folder(out, "the predictions")
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 # Prediction
 # ------------------------------------------------------------------------------------------------
 
 def predict(
     model: str | os.PathLike | None = None,
-    data: str | os.PathLike | None = None,
-    out: str | os.PathLike = "submission.csv",
+    data: str | os.PathLike | list | None = None,
+    out: str | os.PathLike | None = None,
     gpu: bool = False,
     threads: int | None = None,
     batch_size: int = 32,
     tta: bool | None = None,
     threshold: float | None = None,
-    save_masks: str | os.PathLike | None = None,
-    preview: str | os.PathLike | None = None,
-    evaluate: bool = False,
+    save_masks: bool = False,
+    overlays: bool = False,
+    kaggle_csv: bool | None = None,
+    evaluate: bool | str = False,
+    tile: int = TILE,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> Prediction:
-    """Predict the test images of ``data`` with the checkpoint ``model`` and write the submission.
+    """Predict the images of ``data`` with the checkpoint ``model``; write the outputs into one folder.
 
-    ``model`` defaults to ``runs/<runs/latest>/best.npz``, ``data`` to the data folder recorded in
-    the checkpoint. ``threshold`` defaults to the checkpoint's best threshold (0.5 when it has
-    none), ``tta`` to the checkpoint's choice (off when it records none); the checkpoint's empty-mask
-    rule (``min_area``) always applies. A checkpoint may hold an ensemble (:mod:`tinyunet.ensemble`).
-    ``threads`` CPU threads share every batch (default: every usable core). ``preview``
-    defaults to ``<out stem>_preview.png`` beside ``out``. With ``evaluate`` the labelled train part
-    of ``data`` is predicted and scored instead, the threshold-vs-score plot goes to
-    ``<out stem>_threshold.png`` and no submission is written. Every input is checked before the
-    slow work starts; problems raise one of :data:`USER_ERRORS` with a one-line message.
+    ``model`` defaults to ``runs/<runs/latest>/best.npz``; ``data`` (a folder or zip, an image file, or a
+    list of them) to the data folder recorded in the checkpoint, whose test part is predicted. ``out`` is
+    the folder for every output (new or empty; default: a new ``predictions/<stamp>`` beside the model).
+    ``threshold`` defaults to the checkpoint's best threshold (0.5 when it has none), ``tta`` to the
+    checkpoint's choice; its empty-mask rule (``min_area``) always applies. Images are converted to the
+    model's channels (gray <-> RGB) or refused. Outputs: ``preview.png``; ``submission.csv`` (Kaggle's
+    ``id,rle_mask``) with ``kaggle_csv``, by default only for TGS-like images (101 x 101 gray);
+    ``masks/<id>.png`` at each image's size with ``save_masks``; ``overlays/<id>.png`` with ``overlays``.
+    With ``evaluate`` (True or "all": every labelled image of ``data``; "val": exactly the validation
+    part of the model's own training split) the images are scored instead: Dice, IoU, the competition
+    score, ``scores.csv`` per image and ``threshold.png``. Problems raise one of :data:`USER_ERRORS`
+    with a one-line message, before the slow work where they can be known then.
     """
     # --- the arguments, before anything slow ---------------------------------------------------
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -211,6 +233,11 @@ def predict(
         raise PredictError(f"--threads must be a whole number >= 1, got {threads}")
     if threshold is not None and not 0 <= threshold <= 1:  # NaN fails this too
         raise PredictError(f"--threshold must be in [0, 1], got {threshold}")
+    evaluate = "all" if evaluate is True else evaluate
+    if evaluate not in (False, "all", "val"):
+        raise PredictError(f"--evaluate takes 'all' or 'val', got {evaluate!r}")
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 16:
+        raise PredictError(f"--tile must be a whole number >= 16, got {tile}")
 
     # --- the model ---------------------------------------------------------------------------------
     model_path = Path(model) if model is not None else latest_model()
@@ -226,23 +253,15 @@ def predict(
     if isinstance(min_area, bool) or not isinstance(min_area, int) or min_area < 0:
         raise CheckpointError(f"{model_path} records min_area={min_area!r}, not a whole number >= 0; "
                               "the file is damaged or was edited: use another checkpoint or train again")
-
-    # --- the output locations, checked before the slow part ------------------------------------------
-    out = Path(out)
-    preview = Path(preview) if preview is not None else out.with_name(f"{out.stem}_preview.png")
-    plot_path = out.with_name(f"{out.stem}_threshold.png") if evaluate else None
-    _check_file_target(out, "the output" if evaluate else "the submission")
-    _check_file_target(preview, "the preview")
-    if save_masks is not None:
-        save_masks = Path(save_masks)
-        if save_masks.exists() and not save_masks.is_dir():
-            raise PredictError(f"--save-masks {save_masks} is a file, not a folder: give a folder")
-        _writable_folder(save_masks, "the mask PNGs")
+    settings = config_from_args(meta["args"], model_path) if isinstance(meta.get("args"), dict) else None
+    if evaluate == "val" and settings is None:
+        raise PredictError(f"{model_path} records no training settings (meta 'args'), so its split cannot be "
+                           "rebuilt: use --evaluate all")
 
     members = f", an ensemble of {len(net.members)}" if isinstance(net, Ensemble) else ""
     log(f"model: {model_path} (features={net.config['features']}, depth={net.config['depth']}{members}, "
-        f"{meta.get('fit')} to {meta.get('input_size')}, epoch {meta.get('epoch', '?')}, "
-        f"{'GPU (CuPy)' if gpu else f'CPU (NumPy), {net.threads} thread(s)'})")
+        f"{net.config.get('in_channels', 1)} channel(s), {meta.get('fit')} to {meta.get('input_size')}, "
+        f"epoch {meta.get('epoch', '?')}, {'GPU (CuPy)' if gpu else f'CPU (NumPy), {net.threads} thread(s)'})")
     if source == "default":
         log(f"note: the checkpoint records no best threshold; using {DEFAULT_THRESHOLD} "
             "(pass --threshold to choose)")
@@ -258,37 +277,59 @@ def predict(
             raise PredictError(f"the data recorded in the checkpoint, {recorded}, does not exist "
                                "(moved or deleted?): pass --data")
         data = recorded
+    sources = [Path(d) for d in data] if isinstance(data, (list, tuple)) else [Path(data)]
+    if evaluate and len(sources) != 1:
+        raise PredictError("--evaluate scores one labelled data folder or zip: give a single --data")
+    trained_on = meta.get("data") if isinstance(meta.get("data"), dict) else {}
     truths = None
-    if evaluate:
-        labelled = load_train(data)
-        ids, images, truths = labelled.ids, labelled.images, labelled.masks > 0.5
-        trained_on = meta.get("data") if isinstance(meta.get("data"), dict) else {}
+    if evaluate == "val":
+        split = load_split(settings, sources[0])
+        if split.fingerprint != trained_on.get("fingerprint"):
+            raise PredictError(f"the data at {sources[0]} (fingerprint {split.fingerprint}) is not the data "
+                               f"{model_path} was trained on: pass that data with --data")
+        ids = [split.ids[i] for i in split.val_idx]
+        images, truths = take(split.images, split.val_idx), take(split.masks, split.val_idx)
+        del split
+    elif evaluate:
+        labelled = load_train(sources[0], settings.mask_suffix if settings else "",
+                              settings.mask_threshold if settings else None)
+        ids, images, truths = labelled.ids, labelled.images, labelled.masks
         if trained_on.get("fingerprint") == fingerprint(ids, images, labelled.masks):
             log("note: these are the images the model was trained on (training and validation "
-                "parts): the scores below are optimistic")
+                "parts): the scores below are optimistic; --evaluate val scores the validation part alone")
         del labelled
     else:
-        ids, images = load_test(data)
-    n, h, w = images.shape
-    log(f"data: {data}: {n} {'labelled ' if evaluate else 'test '}images of {w}x{h}")
+        ids, images = load_images(sources)
+    want = net.config.get("in_channels", 1)
+    if channels(images) != want:
+        try:
+            images = to_channels(images, want)
+        except ValueError as err:
+            raise PredictError(f"cannot predict {', '.join(map(str, sources[:3]))} with {model_path}: {err}") from None
+        log(f"note: the images converted to the model's {want} channel(s) (gray <-> RGB)")
+    n = len(ids)
+    tgs = tgs_like(images)
+    what = "salt" if tgs else "mask"
+    shapes = sorted({tuple(image.shape[:2]) for image in images})
+    size = f"{shapes[0][1]}x{shapes[0][0]}" if len(shapes) == 1 else f"{len(shapes)} sizes"
+    part = {"val": "validation images of the model's split", "all": "labelled images"}.get(evaluate, "images")
+    log(f"data: {', '.join(map(str, sources[:3]))}{' ...' if len(sources) > 3 else ''}: {n} {part} of {size}")
+    kaggle_csv = (tgs and not evaluate) if kaggle_csv is None else kaggle_csv
 
-    targets = [("--out", out), ("--preview", preview)] + ([("--out", plot_path)] if plot_path else [])
-    if save_masks is not None:
-        targets += [("--save-masks", save_masks / f"{image_id}.png") for image_id in ids]
-    _refuse_inputs(targets, model_path, data, ids)
-    _remove_temporaries([out.parent, preview.parent] + ([save_masks] if save_masks is not None else []), log)
+    # --- the output folder, created before the slow part ----------------------------------------------
+    folder = output_folder(out, model_path)
 
     # --- the network ---------------------------------------------------------------------------
     from tqdm import tqdm
 
-    with tqdm(total=n, desc="predicting", unit="img", disable=not progress, file=sys.stderr,
-              dynamic_ncols=True) as bar:
+    with tqdm(total=n, desc="predicting", unit="img", disable=None if progress else True, file=sys.stderr,
+              dynamic_ncols=True) as bar:  # disable=None: hidden when stderr is not a terminal
         start = time.perf_counter()
         probs = probabilities(net, images, meta["fit"], meta.get("input_size", 0),
-                              batch_size=batch_size, tta=tta, progress=bar.update)
-        probs = as_numpy(probs)  # (N, H, W); also waits for the GPU to finish
+                              batch_size=batch_size, tta=tta, progress=bar.update, tile=tile)
+        probs = [as_numpy(p) for p in probs] if isinstance(probs, list) else as_numpy(probs)  # waits for the GPU
         seconds = time.perf_counter() - start
-    masks = drop_small(binarize(probs, threshold), min_area)  # (N, H, W) bool
+    masks = as_stack([drop_small(binarize(p[None], threshold), min_area)[0] for p in probs])  # (N, H, W) bool
 
     # --- the outputs -----------------------------------------------------------------------------
     from tinyunet import plots
@@ -296,24 +337,34 @@ def predict(
     result = Prediction(ids=ids, probs=probs, masks=masks, threshold=threshold,
                         threshold_source=source, seconds=seconds,
                         images_per_s=n / max(seconds, 1e-9), submission=None, preview=None,
-                        masks_dir=None)
+                        masks_dir=None, folder=folder)
     if evaluate:
         result.report = score_report(truths, probs, threshold, threshold_source=source, min_area=min_area)
-        log(result.report.format())
-        result.threshold_plot = plots.threshold_curve(result.report.thresholds,
-                                                      result.report.scores,
-                                                      result.report.best_threshold, plot_path)
-        log(f"saved the threshold-vs-score plot to {plot_path}")
-        log("no submission written (--evaluate scores the labelled train part)")
-    else:
-        result.submission = write_submission(out, ids, masks)
-        log(f"wrote {out}: {n} rows, {int(masks.any(axis=(1, 2)).sum())} with salt, threshold "
-            f"{threshold:.3f} ({source})")
-    if save_masks is not None:
-        result.masks_dir = write_masks(save_masks, ids, masks)
-        log(f"saved {n} mask PNGs to {save_masks}")
-    result.preview = plots.prediction_grid(images, probs, masks, preview, truths=truths, ids=ids)
-    log(f"saved the preview to {preview}")
+        log(result.report.format(what))
+        result.threshold_plot = plots.threshold_curve(result.report.thresholds, result.report.scores,
+                                                      result.report.best_threshold, folder / "threshold.png")
+        with atomic_write(folder / "scores.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(("id", "dice", "iou", "competition_score"))
+            report = result.report
+            writer.writerows((i, f"{d:.6f}", f"{u:.6f}", f"{c:.6f}") for i, d, u, c in
+                             zip(ids, report.image_dice, report.image_iou, report.image_scores))
+        log(f"saved the per-image scores to {folder / 'scores.csv'} and the threshold plot to "
+            f"{folder / 'threshold.png'}")
+    if kaggle_csv:
+        result.submission = write_submission(folder / "submission.csv", ids, masks)
+        log(f"wrote {result.submission}: {n} rows, {sum(bool(m.any()) for m in masks)} with {what}, "
+            f"threshold {threshold:.3f} ({source})")
+    if save_masks:
+        result.masks_dir = write_masks(folder / "masks", ids, masks)
+        log(f"saved {n} full-size mask PNGs to {result.masks_dir}")
+    if overlays:
+        write_overlays(folder / "overlays", ids, images, masks)
+        log(f"saved {n} overlays (the mask's outline in red) to {folder / 'overlays'}")
+    truth_canvas = None if truths is None else canvas(truths) > 0.5
+    result.preview = plots.prediction_grid(canvas(images), canvas(probs), canvas(masks), folder / "preview.png",
+                                           truths=truth_canvas, ids=ids)
+    log(f"saved the preview to {result.preview}")
     device = "GPU" if gpu else f"CPU, {net.threads} thread(s)"
     log(f"speed: {n} images in {seconds:.2f} s = {result.images_per_s:.1f} images/s "
         f"({device}, batch {batch_size}, tta {'on' if tta else 'off'})")

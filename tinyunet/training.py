@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tinyunet.backend import as_array, as_numpy
+from tinyunet.backend import as_array, as_numpy, get_backend
 from tinyunet.callbacks import CosineAnnealing, EarlyStopping, ModelCheckpoint, ReduceLROnPlateau
 from tinyunet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from tinyunet.config import (FIXED_ON_RESUME, MIN_AREAS, MONITORS, QUICK, ConfigError, TrainConfig, config_from_args,
@@ -66,7 +66,7 @@ from tinyunet.pipeline import from_network, probabilities
 from tinyunet.prepare import Prepared, prepare_data, resolve_data
 from tinyunet.runs import (discard_run_folder, latest_file, open_resume, prepare_run_folder, release_run_folder,
                            write_history, write_latest)
-from tinyunet.transforms import minibatches
+from tinyunet.transforms import canvas, minibatches
 from tinyunet.unet import UNet
 
 EVAL_BATCH = 32  # images per forward pass when validating
@@ -178,8 +178,7 @@ def validate_epoch(model, prep: Prepared, config: TrainConfig, epoch: int) -> tu
     xp = model.xp
     loss_fn = epoch_loss(config, epoch)
     n = len(prep.x_val)
-    size = prep.val_truth.shape[1:]
-    probs = xp.empty((n,) + size, dtype=model.dtype)  # (M, H, W)
+    probs = xp.zeros(prep.val_truth.shape, dtype=model.dtype)  # (M, H, W); mixed sizes: on the truth's canvas
     loss_sum = xp.zeros((), dtype=xp.float64)
     acc_sum = xp.zeros((), dtype=xp.float64)
     for start in range(0, n, EVAL_BATCH):
@@ -188,7 +187,13 @@ def validate_epoch(model, prep: Prepared, config: TrainConfig, epoch: int) -> tu
         loss, _ = loss_fn(logits, yb)
         loss_sum += loss * len(xb)
         acc_sum += pixel_accuracy(logits, yb) * len(xb)
-        probs[start:start + len(xb)] = from_network(sigmoid(logits), config.fit, prep.box, size)
+        part = slice(start, start + len(xb))
+        if isinstance(prep.val_sizes, list):  # each image back to its own size, at the canvas's top left
+            boxes = prep.box[part] if isinstance(prep.box, list) else None
+            for i, p in enumerate(from_network(sigmoid(logits), config.fit, boxes, prep.val_sizes[part]), start):
+                probs[i, :p.shape[0], :p.shape[1]] = p
+        else:
+            probs[part] = from_network(sigmoid(logits), config.fit, prep.box, prep.val_sizes)
     score = competition_score(prep.val_truth, probs > xp.float32(0.5))
     return float(loss_sum) / n, float(acc_sum) / n, score
 
@@ -229,10 +234,18 @@ def _check_resume(config: TrainConfig, checkpoint, run: Path) -> None:
 
 def _setup(config: TrainConfig, run: Path, resume_from):
     """The model (with the resumed state), its optimizer, the history so far and the prepared data."""
-    rates = dropout_rates(config)
-    model = UNet(features=config.features, depth=config.depth, dropout=rates, block=config.block, seed=config.seed,
-                 dtype=np.float32, gpu=config.gpu)  # GPUUnavailableError here, before any data is read
-    xp = model.xp
+    xp = get_backend(config.gpu)  # GPUUnavailableError here, before any data is read
+    path = resolve_data(config, say)
+    config = replace(config, data=str(Path(path).resolve()))
+    prep = prepare_data(config, path, xp, np.float32)
+    if resume_from is not None:
+        saved_print = resume_from.meta.get("data", {}).get("fingerprint")
+        if saved_print != prep.fingerprint:
+            raise DataError(f"the data at {path} (fingerprint {prep.fingerprint}) is not the data the run in {run} "
+                            f"was trained on (fingerprint {saved_print}): give that run's data with --data, "
+                            "or start a new run")
+    model = UNet(features=config.features, depth=config.depth, dropout=dropout_rates(config), block=config.block,
+                 in_channels=prep.channels, seed=config.seed, dtype=np.float32, gpu=config.gpu)  # channels: the data's
     optimizer = Adam(model.params, lr=config.lr)
     history: list[dict] = []
     if resume_from is not None:
@@ -245,16 +258,6 @@ def _setup(config: TrainConfig, run: Path, resume_from):
         if config.lr != saved_args.get("lr", config.lr):  # --lr given on resume: the rate from now on
             optimizer.lr = config.lr
         history = list(resume_from.meta.get("history", []))
-
-    path = resolve_data(config, say)
-    config = replace(config, data=str(Path(path).resolve()))
-    prep = prepare_data(config, path, xp, model.dtype)
-    if resume_from is not None:
-        saved_print = resume_from.meta.get("data", {}).get("fingerprint")
-        if saved_print != prep.fingerprint:
-            raise DataError(f"the data at {path} (fingerprint {prep.fingerprint}) is not the data the run in {run} "
-                            f"was trained on (fingerprint {saved_print}): give that run's data with --data, "
-                            "or start a new run")
     return model, optimizer, history, prep, config
 
 
@@ -263,8 +266,10 @@ def _describe(config: TrainConfig, run: Path, net: DataParallel, prep: Prepared,
     """The few lines that say what this run is about to do."""
     h, w = prep.val_truth.shape[1:]
     s, s2 = prep.x_val.shape[1:3]
+    shape = f"of mixed sizes, validation up to {h}x{w}" if isinstance(prep.val_sizes, list) else f"{h}x{w}"
+    colour = f", {prep.channels} channels" if prep.channels > 1 else ""
     say(f"run folder: {run}" + (f" (resuming after epoch {resumed_after})" if resumed_after is not None else ""))
-    say(f"data: {config.data}, {len(prep.ids)} images {h}x{w} (fingerprint {prep.fingerprint})")
+    say(f"data: {config.data}, {len(prep.ids)} images {shape}{colour} (fingerprint {prep.fingerprint})")
     flips = {"double": f" (x2 with left-right flips = {len(prep.x_train)})",
              "random": " (each mirrored left-right with probability 1/2 in every epoch)"}
     say(f"split: {len(prep.train_idx)} train" + (flips[config.flip_mode] if config.flip else "")
@@ -412,11 +417,13 @@ def _train_in(config: TrainConfig, run: Path, resume_from, created: bool, wall_s
         how = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted (Ctrl-C)"
         raise TrainingInterrupted(f"{how}; " + _saved_note(run, last_saved, history)
                                   + f" Continue with: python train.py --resume {run}") from None
-    best_epoch, val_loss, threshold, score = summary
+    best_epoch, val_loss, threshold, score, collapse = summary
     minutes, seconds = divmod(time.perf_counter() - wall_start, 60)
     say(f"done in {int(minutes)}m{seconds:04.1f}s: best epoch {best_epoch} (val_loss {val_loss:.4f}), "
          f"best threshold {threshold:.3f}, validation competition score {score:.4f}")
     say(f"run folder: {run}  (best.npz for predict.py, history.csv, plots)")
+    if collapse is not None:
+        say(collapse)
     return run
 
 
@@ -461,10 +468,10 @@ def finish(model, prep: Prepared, config: TrainConfig, run: Path, history: list[
     probability tuned the same way (:mod:`tinyunet.ensemble`).
     Returns ``(best epoch, its val_loss, best threshold, validation score at it)``.
     """
-    def predict_val(ckpt):
+    def predict_val(ckpt):  # (M, H, W) on the validation truth's canvas
         model.load_params(ckpt.params, ckpt.buffers)
-        return probabilities(model, prep.val_images, config.fit, config.input_size, batch_size=EVAL_BATCH,
-                             tta=config.tta)
+        return canvas(probabilities(model, prep.val_images, config.fit, config.input_size, batch_size=EVAL_BATCH,
+                                    tta=config.tta))
 
     snapshots = sorted(run.glob("snapshot[0-9][0-9].npz")) if config.schedule == "cosine" else []
     if len(snapshots) >= 2:
@@ -490,11 +497,15 @@ def finish(model, prep: Prepared, config: TrainConfig, run: Path, history: list[
     best_epoch = int(meta["epoch"])
     val_loss = next((row["val_loss"] for row in history if row["epoch"] == best_epoch), float("nan"))
 
+    pixels = (sum(h * w for h, w in prep.val_sizes) if isinstance(prep.val_sizes, list)
+              else int(prep.val_truth.size))  # the canvas's background is no image's
+    collapse = collapse_note(int(drop_small(probs > probs.dtype.type(threshold), min_area).sum()),
+                             int(prep.val_truth.sum()), pixels, len(prep.val_idx))
     if not config.plots:
-        return best_epoch, val_loss, threshold, score
+        return best_epoch, val_loss, threshold, score, collapse
     from tinyunet import plots  # matplotlib: only now
 
-    images = as_numpy(prep.val_images)
+    images = as_numpy(canvas(prep.val_images))
     probs_np = as_numpy(probs)
     ids = [prep.ids[i] for i in prep.val_idx]
     plots.learning_curves(history, run / "learning_curves.png")
@@ -503,4 +514,14 @@ def finish(model, prep: Prepared, config: TrainConfig, run: Path, history: list[
                           run / "val_predictions.png",
                           truths=as_numpy(prep.val_truth), ids=ids)
     plots.coverage_histogram(prep.coverage[prep.train_idx], prep.coverage[prep.val_idx], run / "coverage.png")
-    return best_epoch, val_loss, threshold, score
+    return best_epoch, val_loss, threshold, score, collapse
+
+
+def collapse_note(predicted: int, true: int, pixels: int, n_images: int) -> str | None:
+    """A warning when the model predicts one class on every validation pixel (``predicted`` of ``pixels``
+    foreground) though the truth has both (``true`` foreground); None otherwise."""
+    if predicted not in (0, pixels) or true in (0, pixels):
+        return None
+    what = "background (an empty mask)" if predicted == 0 else "foreground (a full mask)"
+    return (f"warning: the model predicts {what} on all {n_images} validation images, so it has learned nothing "
+            "yet; try more --epochs, a larger --input-size, or another --lr (e.g. 3e-4 or 3e-3)")
