@@ -63,7 +63,7 @@ def test_tiny_run_writes_the_run_folder(tiny_data, tmp_path):
         assert (run / name).is_file(), name
         assert (run / name).stat().st_size > 0, name
     assert (tmp_path / "runs" / "latest").read_text().strip() == "first"
-    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # no temporary files left
+    assert [p.name for p in run.iterdir() if p.name.startswith(".")] == [".lock"]  # no temporary files left
 
     rows = read_history(run)
     assert tuple(rows[0]) == HISTORY_COLUMNS
