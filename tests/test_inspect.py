@@ -104,20 +104,15 @@ def test_up_conv_flops_are_twice_a_direct_count_of_multiply_adds(rng):
 def test_summary_flops_and_shapes_match_a_real_forward(rng):
     model = UNet(features=3, depth=3, dropout=(0.1, 0.2, 0.3))
     x = rng.random((2, 16, 24, 1)).astype(np.float32)
-    acts = activations(model, x)  # runs every layer on x
-    model.forward(x)  # the FLOPs below are read from the sizes the layers cached in this forward
+    acts = activations(model, x)  # runs every layer on x; the FLOPs below come from the outputs it gave
     ran = 0
-    for _, layer in model.named_layers():
-        if not layer.params:
-            continue
-        f = layer.params["b"].shape[0]
-        if isinstance(layer, Conv2D):
-            n, _, _, h, w = layer.grid
-            kh, kw, c, _ = layer.params["W"].shape
-            ran += 2 * n * h * w * kh * kw * c * f
-        else:
-            rows_in, c = layer.x2d.shape  # (N*H*W, C)
-            ran += 2 * rows_in * c * layer.k * layer.k * f
+    for name, layer in model.named_layers():
+        if isinstance(layer, Conv2D):  # every output pixel: KH*KW*C multiply-adds per filter
+            kh, kw, c, f = layer.params["W"].shape
+            ran += 2 * int(np.prod(acts[name].shape[:3])) * kh * kw * c * f
+        elif isinstance(layer, Conv2DTranspose):  # every output pixel: C multiply-adds per filter
+            _, _, f, c = layer.params["W"].shape
+            ran += 2 * int(np.prod(acts[name].shape[:3])) * c * f
     rows = model.layer_table((16, 24), batch_size=2)
     assert sum(r["flops"] for r in rows) == ran
     for r in rows:
