@@ -86,7 +86,6 @@ def assert_same_sets(a: data.TrainSet, b: data.TrainSet) -> None:
     assert a.ids == b.ids
     np.testing.assert_array_equal(a.images, b.images)
     np.testing.assert_array_equal(a.masks, b.masks)
-    np.testing.assert_array_equal(a.depths, b.depths)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,7 +199,7 @@ def test_load_train_folder(folder, files):
     first = np.asarray(Image.open(io.BytesIO(files[f"train/images/{ts.ids[0]}.png"])))
     np.testing.assert_allclose(ts.images[0], first / 255, atol=1e-6)
     assert set(np.unique(ts.masks)) <= {0.0, 1.0}
-    np.testing.assert_array_equal(ts.depths, np.arange(100, 106))
+    np.testing.assert_array_equal(data.load_depths(folder, ts.ids), np.arange(100, 106))
 
 
 def test_load_test_folder(folder):
@@ -216,10 +215,20 @@ def test_masks_from_train_csv_when_masks_folder_missing(tmp_path, files):
 
 def test_depths_optional_and_nan_where_missing(tmp_path, files):
     del files["depths.csv"]
-    assert data.load_train(write_folder(tmp_path / "a", files)).depths is None
+    ids = data.load_train(write_folder(tmp_path / "a", files)).ids
+    assert data.load_depths(tmp_path / "a", ids) is None
     files["depths.csv"] = b"id,z\n00abcdef0,5\n"
-    depths = data.load_train(write_folder(tmp_path / "b", files)).depths
+    depths = data.load_depths(write_folder(tmp_path / "b", files), ids)
     assert depths[0] == 5 and np.isnan(depths[1:]).all()
+
+
+def test_a_flawed_depths_csv_does_not_stop_loading_the_training_set(tmp_path, files):
+    """Training never uses depths.csv, so a flaw in it stops only load_depths."""
+    files["depths.csv"] = b"id,z\n00abcdef0,deep\n"
+    folder = write_folder(tmp_path / "a", files)
+    ts = data.load_train(folder)
+    with pytest.raises(data.DataError, match="not a number"):
+        data.load_depths(folder, ts.ids)
 
 
 @pytest.mark.parametrize("form", ["flat", "top_folder", "competition", "folder_of_zips"])
@@ -456,7 +465,7 @@ def test_real_data_loads():
     classes = data.coverage_class(data.coverage(ts.masks))
     assert 0.37 < np.mean(classes == 0) < 0.41  # about 39 % empty
     assert set(classes.tolist()) == set(range(11))
-    assert not np.isnan(ts.depths).any()
+    assert not np.isnan(data.load_depths(real_data(), ts.ids)).any()
     ids, test_images = data.load_test(real_data())
     assert len(ids) == 1000 and test_images.shape == (1000, 101, 101)
 
@@ -477,7 +486,7 @@ def test_real_files_load_the_same_from_zips_and_csv(tmp_path):
                            + "\n").encode()
     reference = data.load_train(write_folder(tmp_path / "folder", files))
     assert reference.ids == [n[:-4] for n in names]
-    assert np.isnan(reference.depths).sum() == 0
+    assert np.isnan(data.load_depths(tmp_path / "folder", reference.ids)).sum() == 0
 
     nested = tmp_path / "tgs-salt-identification-challenge.zip"
     nested.write_bytes(competition_zip(files))

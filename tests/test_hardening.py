@@ -317,6 +317,35 @@ def _kaggle_copy(tiny_data: Path, target: Path) -> Path:
     return copy
 
 
+def test_limit_chooses_the_subset_before_decoding(tiny_data, monkeypatch):
+    """--limit decodes only the images (and masks) it keeps, the same ones the seed chose before."""
+    from tinyunet import data
+    from tinyunet.prepare import load_split
+
+    full = load_train(tiny_data)
+    decoded = []
+    decode = data._decode
+    monkeypatch.setattr(data, "_decode", lambda source, name: decoded.append(name) or decode(source, name))
+    split = load_split(build_config({"data": str(tiny_data), "limit": 5, "seed": 3}), tiny_data)
+    keep = np.sort(np.random.default_rng(3).choice(len(full.ids), 5, replace=False))
+    assert split.ids == [full.ids[i] for i in keep]
+    np.testing.assert_array_equal(split.images, full.images[keep])
+    np.testing.assert_array_equal(split.masks, full.masks[keep])
+    assert len(decoded) == 10  # five images and their five masks
+
+
+def test_a_float_tiff_is_refused_by_its_mode_not_called_corrupt():
+    from PIL import Image
+
+    from tinyunet.data import read_image
+
+    tiff = io.BytesIO()
+    Image.fromarray(np.zeros((4, 4), np.float32), mode="F").save(tiff, format="TIFF")
+    with pytest.raises(DataError) as info:
+        read_image(tiff.getvalue(), "x.tif")
+    assert "PIL mode 'F'" in str(info.value) and "corrupt" not in str(info.value)
+
+
 def test_special_files_and_links_leaving_the_data_are_refused_at_once(tiny_data, tmp_path):
     for name, make in [("fifo", lambda p: os.mkfifo(p)), ("zero", lambda p: p.symlink_to("/dev/zero")),
                        ("outside", lambda p: p.symlink_to(tmp_path / "elsewhere.png"))]:

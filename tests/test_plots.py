@@ -86,9 +86,9 @@ def test_prediction_grid(tmp_path):
 
 def test_prediction_grid_picks_spread_over_coverage():
     cover = np.array([0, 0, 0, 0, 0, 0.05, 0.3, 0.5, 0.52, 0.9, 1.0])
-    picks = plots._spread_picks(cover, 4)
+    picks = plots.spread_picks(cover, 4)
     assert cover[picks].tolist() == [0, 0.3, 0.52, 1.0]  # one empty image, not a run of them
-    assert len(set(plots._spread_picks(np.zeros(10), 5).tolist())) == 5  # distinct even when all tie
+    assert len(set(plots.spread_picks(np.zeros(10), 5).tolist())) == 5  # distinct even when all tie
 
 
 def test_prediction_grid_rejects_mismatched_arrays(tmp_path):

@@ -290,6 +290,51 @@ def test_competition_zip(tmp_path, pattern_data):
     assert dict(read_submission(out / "submission.csv")[1])["c2box"] == "314 10 415 10"
 
 
+def seven_images(root: Path) -> Path:
+    """Seven 101x101 noise images with masks (Kaggle's layout): more than a few chunks of two."""
+    rng = np.random.default_rng(7)
+    pictures = {f"i{k}": (rng.integers(0, 256, (101, 101)), rng.random((101, 101)) < 0.4) for k in range(7)}
+    return make_data(root, test={i: pixels for i, (pixels, _) in pictures.items()}, train=pictures)
+
+
+def test_chunked_prediction_writes_what_one_chunk_does(tmp_path):
+    """Chunks of two images give byte-identical outputs (CSV, masks, overlays, scores) to one chunk of all."""
+    data = seven_images(tmp_path / "data")
+    model = save_model(tmp_path / "m.npz", data, params=random_params())
+    outputs = {}
+    for chunk in (2, prediction.CHUNK):
+        out = tmp_path / f"chunk{chunk}"
+        result = predict(model=model, out=out / "test", batch_size=2, chunk=chunk, save_masks=True, overlays=True,
+                         kaggle_csv=True, progress=False, log=quiet)
+        predict(model=model, out=out / "eval", batch_size=2, chunk=chunk, evaluate=True, progress=False, log=quiet)
+        files = sorted(path for path in out.rglob("*") if path.is_file() and path.name != "preview.png")
+        outputs[chunk] = ({str(path.relative_to(out)): path.read_bytes() for path in files}, result.probs)
+    (small, small_probs), (whole, whole_probs) = outputs.values()
+    assert sorted(small) == sorted(whole) and len(small) == 1 + 7 + 7 + 2  # CSV, masks, overlays, scores + plot
+    assert small == whole
+    np.testing.assert_array_equal(small_probs, whole_probs)
+    assert 0 < result.masks.mean() < 1  # the masks are not all one value
+
+
+def test_prediction_reads_the_images_chunk_by_chunk(tmp_path, monkeypatch):
+    """With chunks of two, images are decoded two at a time, each pair predicted before the next is read,
+    and the result keeps no probability maps: memory is bounded by the chunk, not by the set."""
+    from tinyunet import data as data_module
+
+    data = seven_images(tmp_path / "data")
+    events = []
+    read_image, probabilities = data_module.read_image, prediction.probabilities
+    monkeypatch.setattr(data_module, "read_image", lambda *a, **k: events.append("read") or read_image(*a, **k))
+    monkeypatch.setattr(prediction, "probabilities",
+                        lambda net, images, *a, **k: events.append(len(images)) or probabilities(net, images, *a, **k))
+    result = predict(model=save_model(tmp_path / "m.npz", data), out=tmp_path / "out", batch_size=2, chunk=2,
+                     keep=False, progress=False, log=quiet)
+    streamed = ["read", "read", 2] * 3 + ["read", 1]
+    assert events == streamed + ["read"] * 7 + [7]  # then the preview's picks (at most 8), read again
+    assert result.probs is None and result.masks is None
+    assert len(read_submission(tmp_path / "out" / "submission.csv")[1]) == 7
+
+
 def test_failed_write_keeps_the_old_submission(tmp_path, monkeypatch):
     out = tmp_path / "submission.csv"
     out.write_text("id,rle_mask\nold,1 2\n")

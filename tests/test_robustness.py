@@ -323,7 +323,7 @@ def test_nan_pixels_stop_training_in_one_line_and_damage_nothing(finished, tiny_
         images = data.images.copy()
         images[3, 5, 7] = np.nan
         images[0, 0, 1] = np.inf
-        return TrainSet(data.ids, images, data.masks, data.depths)
+        return TrainSet(data.ids, images, data.masks)
 
     monkeypatch.setattr(prepare, "load_train", poisoned)
     assert exit_code(train_main, ["--resume", "runs/done", "--epochs", "3"]) == 2

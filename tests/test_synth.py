@@ -48,7 +48,7 @@ def test_layout_loads(set400):
     assert ts.images.shape == (400, 101, 101)
     assert 0 <= ts.images.min() and ts.images.max() <= 1
     assert set(np.unique(ts.masks)) == {0.0, 1.0}
-    assert not np.isnan(ts.depths).any()
+    assert not np.isnan(data.load_depths(set400, ts.ids)).any()
     test_ids, test_images = data.load_test(set400)
     assert test_images.shape == (20, 101, 101) and not set(test_ids) & set(ts.ids)
     mask_file = Image.open(set400 / "train" / "masks" / f"{ts.ids[0]}.png")

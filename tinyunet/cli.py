@@ -327,7 +327,7 @@ def predict_main(argv: list[str] | None = None) -> int:
             predict(model=args.model, data=args.data, out=args.out, gpu=args.gpu, threads=args.threads,
                     batch_size=args.batch_size, tta=args.tta, threshold=args.threshold,
                     save_masks=args.save_masks, overlays=args.overlays, kaggle_csv=args.kaggle_csv,
-                    evaluate=args.evaluate, tile=args.tile)
+                    evaluate=args.evaluate, tile=args.tile, keep=False)
     except USER_ERRORS as err:
         if args.debug:
             raise

@@ -88,6 +88,10 @@ def check_finite(array, what: str) -> None:
 # PNG files -> arrays
 # --------------------------------------------------------------------------------------------
 
+def _undecodable(name: str, err: Exception) -> DataError:
+    return DataError(f"cannot decode {name} ({err}): the file is corrupt or truncated; re-download it or remove it")
+
+
 def _decode(source: str | Path | bytes, name: str | None) -> tuple[np.ndarray, int, str, str]:
     """Decode an image file (PNG, JPEG, TIFF, BMP: whatever Pillow reads) to raw values.
 
@@ -118,11 +122,12 @@ def _decode(source: str | Path | bytes, name: str | None) -> tuple[np.ndarray, i
             if mode in ("P", "PA"):  # palette indices mean nothing: look the colours up
                 img = img.convert("RGBA" if mode == "PA" else "RGB")
             pixels = np.asarray(img)  # (H, W) or (H, W, bands)
+    except DataError:  # a ValueError, but already this file's own one line
+        raise
     except Image.DecompressionBombError as err:
         raise DataError(f"{name} is too large to decode ({err}): cut it into smaller images") from None
     except _DECODE_ERRORS as err:
-        raise DataError(f"cannot decode {name} ({err}): the file is corrupt or truncated; "
-                        "re-download it or remove it") from None
+        raise _undecodable(name, err) from None
     if pixels.ndim == 3:
         rgb = pixels[..., :3] if pixels.shape[2] >= 3 else pixels[..., :1]  # drop alpha
         gray = (rgb == rgb[..., :1]).all()  # gray stored as RGB (the TGS images): exact
@@ -134,6 +139,17 @@ def _decode(source: str | Path | bytes, name: str | None) -> tuple[np.ndarray, i
         raise DataError(f"{name} (PIL mode {mode!r}) holds values outside 0..{full}: "
                         "save it as an 8- or 16-bit grayscale PNG")
     return raw, full, mode, name
+
+
+def image_size(data: bytes, name: str) -> tuple[int, int]:
+    """(H, W) of an image file's bytes, read from its header (nothing decoded)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                return img.height, img.width
+    except _DECODE_ERRORS as err:
+        raise _undecodable(name, err) from None
 
 
 def read_image(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
@@ -446,13 +462,11 @@ def _read_csv(tree, name: str, columns: tuple[str, ...]) -> dict[str, dict[str, 
     return rows
 
 
-def _masks_from_csv(root, ids: list[str], images):
-    """Masks decoded from train.csv's run-length strings, in the order of ``ids``, each of its image's
-    size: (N, H, W) float32, or a list when sizes differ."""
+def _masks_from_csv(rows: dict[str, dict[str, str]], ids: list[str], images):
+    """Masks decoded from train.csv's run-length strings ``rows``, in the order of ``ids``, each of its
+    image's size: (N, H, W) float32, or a list when sizes differ."""
     from tinyunet.rle import rle_decode  # the run-length module, needed only for this fallback
 
-    rows = _read_csv(root, "train.csv", ("id", "rle_mask"))
-    _check_same_ids(ids, list(rows), f"{root.label}/train/images", "row in train.csv")
     masks = []
     for image_id, image in zip(ids, images):
         try:
@@ -461,22 +475,6 @@ def _masks_from_csv(root, ids: list[str], images):
             raise DataError(f"train.csv's run-length string for id {image_id} is invalid ({err}): "
                             "fix that row or give train/masks") from None
     return as_stack(masks)
-
-
-def _read_depths(root, ids: list[str]) -> np.ndarray | None:
-    """depths.csv's ``z`` for each id, (N,) float32 (NaN where it has no row), or None without it."""
-    if not root.has_file("depths.csv"):
-        return None
-    rows = _read_csv(root, "depths.csv", ("id", "z"))
-    depths = np.full(len(ids), np.nan, np.float32)  # (N,)
-    for i, image_id in enumerate(ids):
-        if image_id in rows:
-            try:
-                depths[i] = float(rows[image_id]["z"])
-            except (TypeError, ValueError):
-                raise DataError(f"depths.csv's z for id {image_id} is {rows[image_id]['z']!r}, "
-                                "not a number: fix that row") from None
-    return depths
 
 
 # --------------------------------------------------------------------------------------------
@@ -490,37 +488,44 @@ class TrainSet:
     ids: list[str]
     images: np.ndarray | list  # (N, H, W) gray or (N, H, W, C) float32 in [0, 1]; a list of them if sizes differ
     masks: np.ndarray | list  # (N, H, W) float32 in {0, 1}; a list of (H, W) if sizes differ
-    depths: np.ndarray | None = None  # (N,) float32 from depths.csv, NaN where it has no row
 
     def __len__(self) -> int:
         return len(self.ids)
 
 
-def load_train(path: str | Path, mask_suffix: str = "", mask_threshold: float | None = None) -> TrainSet:
+def load_train(path: str | Path, mask_suffix: str = "", mask_threshold: float | None = None,
+               choose=None) -> TrainSet:
     """Read the training images and masks of Kaggle's layout, or of a plain ``images/`` + ``masks/``
     pair, from a folder or a zip.
 
     Images and masks are matched by file stem, a mask's stem less ``mask_suffix`` (``a_mask.png`` for
     ``a.jpg`` with ``"_mask"``). In Kaggle's layout masks come from ``train/masks``, or from
     ``train.csv``'s run-length strings where that folder is missing. ``mask_threshold`` binarises soft
-    masks (:func:`read_mask`). Raises DataError (one line) on any problem with the files.
+    masks (:func:`read_mask`). ``choose``, given the number of images found, returns the sorted indices
+    of those to read: the others are listed and matched to their masks, never decoded. Raises
+    DataError (one line) on any problem with the files.
     """
     with _Layout(path) as layout:
         train, folder = layout.part("train")
         files = _image_files(train, folder)
         ids = list(files)
-        images = _read_images(train, folder, files)  # (N, H, W[, C]) or a list
         if train.has_dir("masks"):
             mask_files = _image_files(train, "masks", mask_suffix)
             _check_same_ids(ids, list(mask_files), _join(train.label, folder), "mask")
-            masks = _read_masks(train, "masks", {i: mask_files[i] for i in ids}, images, mask_threshold)
         elif layout.root.has_file("train.csv"):
-            masks = _masks_from_csv(layout.root, ids, images)
+            rows = _read_csv(layout.root, "train.csv", ("id", "rle_mask"))
+            _check_same_ids(ids, list(rows), f"{layout.root.label}/train/images", "row in train.csv")
         else:
             raise DataError(f"data '{layout.root.label}' has neither train/masks nor train.csv: "
                             "give the masks as PNGs or as run-length strings in train.csv")
-        depths = _read_depths(layout.root, ids)
-    return TrainSet(ids, images, masks, depths)
+        if choose is not None:
+            ids = [ids[int(i)] for i in choose(len(ids))]
+        images = _read_images(train, folder, {i: files[i] for i in ids})  # (N, H, W[, C]) or a list
+        if train.has_dir("masks"):
+            masks = _read_masks(train, "masks", {i: mask_files[i] for i in ids}, images, mask_threshold)
+        else:
+            masks = _masks_from_csv(rows, ids, images)
+    return TrainSet(ids, images, masks)
 
 
 def load_test(path: str | Path):
@@ -535,27 +540,85 @@ def load_test(path: str | Path):
         return list(files), _read_images(test, folder, files)
 
 
+class ImageFiles:
+    """The images to predict from folders (:func:`load_test`) and single image files, listed but not
+    decoded: ``ids`` the file stems in the order given (each folder's sorted), unique; ``sizes()`` each
+    image's (H, W) from its header; ``read(indices)`` decodes those images only. A context manager
+    that closes the zips it opened.
+    """
+
+    def __init__(self, paths: list[str | Path]):
+        self.ids: list[str] = []
+        self._files: list[tuple] = []  # (tree, name in it, name in messages); tree None for a file given
+        self._layouts: list[_Layout] = []
+        for path in map(Path, paths):
+            if path.is_file() and _is_image_file(path.name):
+                self.ids.append(check_id(path.stem, str(path.parent)))
+                self._files.append((None, path, str(path)))
+                continue
+            self._layouts.append(_Layout(path))
+            test, folder = self._layouts[-1].part("test")
+            files = _image_files(test, folder)
+            self.ids += files
+            self._files += [(test, _join(folder, name), _join(_join(test.label, folder), name))
+                            for name in files.values()]
+        twice = sorted({i for i in self.ids if self.ids.count(i) > 1})
+        if twice:
+            self.close()
+            raise DataError(f"the images given share the name(s) {', '.join(twice[:5])}: predictions are saved "
+                            "under the images' names, so give each name once")
+
+    def _bytes(self, i: int) -> tuple[bytes, str]:
+        tree, rel, name = self._files[i]
+        return (read_regular_file(rel, name) if tree is None else tree.read(rel)), name
+
+    def sizes(self) -> list[tuple[int, int]]:
+        """(H, W) of every image, from the headers (nothing decoded)."""
+        return [image_size(*self._bytes(i)) for i in range(len(self.ids))]
+
+    def read(self, indices) -> np.ndarray | list:
+        """The images at ``indices``: (n, H, W) gray, (n, H, W, C) when any has colour (gray ones repeated
+        into its channels), or a list when sizes differ."""
+        arrays = [read_image(*self._bytes(int(i))) for i in indices]
+        if any(a.ndim == 3 for a in arrays):
+            channels = {a.shape[2] for a in arrays if a.ndim == 3}
+            arrays = [a if a.ndim == 3 else np.repeat(a[..., None], max(channels), axis=2) for a in arrays]
+        return as_stack(arrays)
+
+    def close(self) -> None:
+        for layout in self._layouts:
+            layout.__exit__()
+
+    def __enter__(self) -> ImageFiles:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def load_images(paths: list[str | Path]):
-    """The images to predict from folders (:func:`load_test`) and single image files: ``(ids, images)``,
-    ids the file stems in the order given (each folder's sorted). Ids must not repeat."""
-    ids: list[str] = []
-    arrays: list[np.ndarray] = []
-    for path in map(Path, paths):
-        if path.is_file() and _is_image_file(path.name):
-            ids.append(check_id(path.stem, str(path.parent)))
-            arrays.append(read_image(path))
-        else:
-            found, images = load_test(path)
-            ids += found
-            arrays += list(images)
-    twice = sorted({i for i in ids if ids.count(i) > 1})
-    if twice:
-        raise DataError(f"the images given share the name(s) {', '.join(twice[:5])}: predictions are saved "
-                        "under the images' names, so give each name once")
-    if any(a.ndim == 3 for a in arrays):
-        channels = {a.shape[2] for a in arrays if a.ndim == 3}
-        arrays = [a if a.ndim == 3 else np.repeat(a[..., None], max(channels), axis=2) for a in arrays]
-    return ids, as_stack(arrays)
+    """The images of :class:`ImageFiles` ``paths``, all decoded: ``(ids, images)``."""
+    with ImageFiles(paths) as files:
+        return files.ids, files.read(range(len(files.ids)))
+
+
+def load_depths(path: str | Path, ids: list[str]) -> np.ndarray | None:
+    """depths.csv's ``z`` for each of ``ids``, (N,) float32 (NaN where it has no row), or None without
+    the file. Training never uses the depths, so nothing else reads the file: a flaw in it stops only
+    this call."""
+    with _Layout(path) as layout:
+        if not layout.root.has_file("depths.csv"):
+            return None
+        rows = _read_csv(layout.root, "depths.csv", ("id", "z"))
+    depths = np.full(len(ids), np.nan, np.float32)  # (N,)
+    for i, image_id in enumerate(ids):
+        if image_id in rows:
+            try:
+                depths[i] = float(rows[image_id]["z"])
+            except (TypeError, ValueError):
+                raise DataError(f"depths.csv's z for id {image_id} is {rows[image_id]['z']!r}, "
+                                "not a number: fix that row") from None
+    return depths
 
 
 # --------------------------------------------------------------------------------------------

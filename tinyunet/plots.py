@@ -169,7 +169,10 @@ def threshold_curve(thresholds, scores, best_threshold: float, out_png: str | os
 # Examples
 # ------------------------------------------------------------------------------------------------
 
-def _spread_picks(cover: np.ndarray, n: int) -> np.ndarray:
+PREVIEW_COLUMNS = 8  # examples in a prediction preview
+
+
+def spread_picks(cover: np.ndarray, n: int) -> np.ndarray:
     """``n`` distinct indices whose coverages spread evenly from the lowest to the highest.
 
     For each target coverage in ``linspace(min, max, n)`` the nearest image not yet picked is taken,
@@ -186,7 +189,7 @@ def _spread_picks(cover: np.ndarray, n: int) -> np.ndarray:
 
 
 def prediction_grid(images, probs, masks_pred, out_png: str | os.PathLike, truths=None, ids=None,
-                    n: int = 8) -> Path:
+                    n: int = PREVIEW_COLUMNS) -> Path:
     """Save a grid of ``n`` examples as columns and return the path.
 
     Rows: the input image, the true mask (when ``truths`` is given), the salt probability and the
@@ -209,7 +212,7 @@ def prediction_grid(images, probs, masks_pred, out_png: str | os.PathLike, truth
         raise ValueError(f"prediction_grid got {len(ids)} ids for {len(images)} images")
     reference = truths if truths is not None else masks_pred
     cover = (reference.reshape(len(reference), -1) > 0.5).mean(axis=1)  # (N,)
-    picks = _spread_picks(cover, min(max(n, 1), len(images)))
+    picks = spread_picks(cover, min(max(n, 1), len(images)))
 
     rows = [("input", images, "gray")]
     if truths is not None:

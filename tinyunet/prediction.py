@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import os
+from contextlib import ExitStack, contextmanager
 import sys
 import time
 from collections.abc import Callable
@@ -35,7 +36,7 @@ import numpy as np
 from tinyunet.backend import GPUUnavailableError, as_numpy
 from tinyunet.checkpoint import CheckpointError
 from tinyunet.config import config_from_args
-from tinyunet.data import DataError, fingerprint, load_images, load_train
+from tinyunet.data import DataError, ImageFiles, coverage, fingerprint, load_train
 from tinyunet.ensemble import Ensemble
 from tinyunet.evaluation import Report, evaluate as score_report
 from tinyunet.files import atomic_write, make_writable_folder
@@ -47,6 +48,8 @@ from tinyunet.rle import rle_encode
 from tinyunet.prepare import load_split
 from tinyunet.runs import RunError, latest_model, new_run_folder
 from tinyunet.transforms import as_stack, canvas, channels, take, to_channels
+
+CHUNK = 512  # images read, predicted and written at a time: memory is bounded by this, not by the set
 
 DEFAULT_THRESHOLD = 0.5  # used (with a note) when the checkpoint records no best threshold
 
@@ -64,8 +67,8 @@ class Prediction:
     """What :func:`predict` did."""
 
     ids: list[str]  # the predicted images' ids, in file-name order
-    probs: np.ndarray  # (N, H, W) salt probabilities at the original image size (NumPy)
-    masks: np.ndarray  # (N, H, W) bool: probs > threshold
+    probs: np.ndarray | None  # (N, H, W) salt probabilities at the original image size (NumPy); None unless keep
+    masks: np.ndarray | None  # (N, H, W) bool: probs > threshold; None unless keep
     threshold: float
     threshold_source: str  # "--threshold", "from the checkpoint" or "default"
     seconds: float  # time spent predicting (network and resizing, data loading excluded)
@@ -110,22 +113,28 @@ def _writable_folder(folder: Path, what: str) -> None:
                            f"({err.strerror or err}): choose another location") from None
 
 
-def write_submission(path: str | os.PathLike, ids: list[str], masks: np.ndarray) -> Path:
-    """Write ``id,rle_mask`` rows for (N, H, W) boolean ``masks`` atomically; return the path.
-
-    The rows go through :func:`tinyunet.files.atomic_write`: an old submission is replaced whole or left as it was, never half-written.
-    """
-    path = Path(path)
-    if len(ids) != len(masks):
-        raise ValueError(f"write_submission got {len(ids)} ids for {len(masks)} masks")
+@contextmanager
+def submission_rows(path: Path):
+    """A function ``add(ids, masks)`` that appends ``id,rle_mask`` rows to the submission ``path``,
+    written atomically when the block ends (:func:`tinyunet.files.atomic_write`): an old submission is
+    replaced whole or left as it was, never half-written."""
     try:
         with atomic_write(path, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(("id", "rle_mask"))
-            writer.writerows((image_id, rle_encode(mask)) for image_id, mask in zip(ids, masks))
+            yield lambda ids, masks: writer.writerows((i, rle_encode(m)) for i, m in zip(ids, masks))
     except OSError as err:
         raise PredictError(f"cannot write the submission {path} ({err.strerror or err}); any "
                            "earlier file there is left as it was") from None
+
+
+def write_submission(path: str | os.PathLike, ids: list[str], masks: np.ndarray) -> Path:
+    """Write ``id,rle_mask`` rows for (N, H, W) boolean ``masks`` atomically (:func:`submission_rows`); return the path."""
+    path = Path(path)
+    if len(ids) != len(masks):
+        raise ValueError(f"write_submission got {len(ids)} ids for {len(masks)} masks")
+    with submission_rows(path) as add:
+        add(ids, masks)
     return path
 
 
@@ -165,10 +174,23 @@ def write_overlays(folder: Path, ids: list[str], images, masks) -> Path:
     return folder
 
 
-def tgs_like(images) -> bool:
-    """Whether images look like the TGS competition's: 101 x 101 and gray (then the Kaggle CSV and the
-    word "salt" apply)."""
-    return not isinstance(images, list) and images.shape[1:] == (101, 101)
+class Loaded:
+    """Images already in memory (a labelled set to score), read like :class:`tinyunet.data.ImageFiles`."""
+
+    def __init__(self, ids: list[str], images):
+        self.ids, self.images = ids, images
+
+    def sizes(self) -> list[tuple[int, int]]:
+        return [tuple(image.shape[:2]) for image in self.images]
+
+    def read(self, indices):
+        return take(self.images, np.asarray(list(indices), dtype=np.int64))
+
+    def __enter__(self) -> Loaded:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
 
 
 def output_folder(out: str | os.PathLike | None, model_path: Path) -> Path:
@@ -208,6 +230,8 @@ def predict(
     kaggle_csv: bool | None = None,
     evaluate: bool | str = False,
     tile: int = TILE,
+    keep: bool = True,
+    chunk: int = CHUNK,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> Prediction:
@@ -223,7 +247,9 @@ def predict(
     ``masks/<id>.png`` at each image's size with ``save_masks``; ``overlays/<id>.png`` with ``overlays``.
     With ``evaluate`` (True or "all": every labelled image of ``data``; "val": exactly the validation
     part of the model's own training split) the images are scored instead: Dice, IoU, the competition
-    score, ``scores.csv`` per image and ``threshold.png``. Problems raise one of :data:`USER_ERRORS`
+    score, ``scores.csv`` per image and ``threshold.png``. Images are read, predicted and written
+    ``chunk`` at a time, so memory is bounded by the chunk; the result holds every probability map and
+    mask only with ``keep`` (always with ``evaluate``, whose sweep needs them). Problems raise one of :data:`USER_ERRORS`
     with a one-line message, before the slow work where they can be known then.
     """
     # --- the arguments, before anything slow ---------------------------------------------------
@@ -287,85 +313,121 @@ def predict(
         if split.fingerprint != trained_on.get("fingerprint"):
             raise PredictError(f"the data at {sources[0]} (fingerprint {split.fingerprint}) is not the data "
                                f"{model_path} was trained on: pass that data with --data")
-        ids = [split.ids[i] for i in split.val_idx]
-        images, truths = take(split.images, split.val_idx), take(split.masks, split.val_idx)
+        files = Loaded([split.ids[i] for i in split.val_idx], take(split.images, split.val_idx))
+        truths = take(split.masks, split.val_idx)
         del split
     elif evaluate:
         labelled = load_train(sources[0], settings.mask_suffix if settings else "",
                               settings.mask_threshold if settings else None)
-        ids, images, truths = labelled.ids, labelled.images, labelled.masks
-        if trained_on.get("fingerprint") == fingerprint(ids, images, labelled.masks):
+        files, truths = Loaded(labelled.ids, labelled.images), labelled.masks
+        if trained_on.get("fingerprint") == fingerprint(labelled.ids, labelled.images, labelled.masks):
             log("note: these are the images the model was trained on (training and validation "
                 "parts): the scores below are optimistic; --evaluate val scores the validation part alone")
         del labelled
     else:
-        ids, images = load_images(sources)
-    want = net.config.get("in_channels", 1)
-    if channels(images) != want:
-        try:
-            images = to_channels(images, want)
-        except ValueError as err:
-            raise PredictError(f"cannot predict {', '.join(map(str, sources[:3]))} with {model_path}: {err}") from None
-        log(f"note: the images converted to the model's {want} channel(s) (gray <-> RGB)")
-    n = len(ids)
-    tgs = tgs_like(images)
-    what = "salt" if tgs else "mask"
-    shapes = sorted({tuple(image.shape[:2]) for image in images})
-    size = f"{shapes[0][1]}x{shapes[0][0]}" if len(shapes) == 1 else f"{len(shapes)} sizes"
-    part = {"val": "validation images of the model's split", "all": "labelled images"}.get(evaluate, "images")
-    log(f"data: {', '.join(map(str, sources[:3]))}{' ...' if len(sources) > 3 else ''}: {n} {part} of {size}")
-    kaggle_csv = (tgs and not evaluate) if kaggle_csv is None else kaggle_csv
+        files = ImageFiles(sources)
+    with files:  # a zip of images stays open while its images are read, chunk by chunk
+        ids, sizes = files.ids, files.sizes()
+        want = net.config.get("in_channels", 1)
+        n = len(ids)
+        tgs = want == 1 and set(sizes) == {(101, 101)}  # TGS-like: 101 x 101 gray (the Kaggle CSV, "salt")
+        what = "salt" if tgs else "mask"
+        shapes = sorted(set(sizes))
+        size = f"{shapes[0][1]}x{shapes[0][0]}" if len(shapes) == 1 else f"{len(shapes)} sizes"
+        part = {"val": "validation images of the model's split", "all": "labelled images"}.get(evaluate, "images")
+        log(f"data: {', '.join(map(str, sources[:3]))}{' ...' if len(sources) > 3 else ''}: {n} {part} of {size}")
+        kaggle_csv = (tgs and not evaluate) if kaggle_csv is None else kaggle_csv
+        keep = keep or bool(evaluate)  # the report sweeps thresholds over every probability map
+        converted = []
 
-    # --- the output folder, created before the slow part ----------------------------------------------
-    folder = output_folder(out, model_path)
+        def read(indices):  # the images at indices, in the model's channels
+            images = files.read(indices)
+            if channels(images) == want:
+                return images
+            try:
+                images = to_channels(images, want)
+            except ValueError as err:
+                raise PredictError(f"cannot predict {', '.join(map(str, sources[:3]))} with {model_path}: {err}") from None
+            if not converted:
+                converted.append(log(f"note: the images converted to the model's {want} channel(s) (gray <-> RGB)"))
+            return images
 
-    # --- the network ---------------------------------------------------------------------------
-    from tqdm import tqdm
+        def predict_images(images, progress=None):  # -> probabilities (NumPy) and masks, one per image
+            probs = probabilities(net, images, meta["fit"], meta.get("input_size", 0), batch_size=batch_size,
+                                  tta=tta, progress=progress, tile=tile)
+            probs = [as_numpy(p) for p in probs]  # waits for the GPU
+            return probs, [drop_small(binarize(p[None], threshold), min_area)[0] for p in probs]
 
-    with tqdm(total=n, desc="predicting", unit="img", disable=None if progress else True, file=sys.stderr,
-              dynamic_ncols=True) as bar:  # disable=None: hidden when stderr is not a terminal
-        start = time.perf_counter()
-        probs = probabilities(net, images, meta["fit"], meta.get("input_size", 0),
-                              batch_size=batch_size, tta=tta, progress=bar.update, tile=tile)
-        probs = [as_numpy(p) for p in probs] if isinstance(probs, list) else as_numpy(probs)  # waits for the GPU
-        seconds = time.perf_counter() - start
-    masks = as_stack([drop_small(binarize(p[None], threshold), min_area)[0] for p in probs])  # (N, H, W) bool
+        # --- the output folder, created before the slow part ----------------------------------------------
+        folder = output_folder(out, model_path)
 
-    # --- the outputs -----------------------------------------------------------------------------
-    from tinyunet import plots
+        # --- the network and the outputs, chunk by chunk ---------------------------------------------------
+        from tqdm import tqdm
 
-    result = Prediction(ids=ids, probs=probs, masks=masks, threshold=threshold,
-                        threshold_source=source, seconds=seconds,
-                        images_per_s=n / max(seconds, 1e-9), submission=None, preview=None,
-                        masks_dir=None, folder=folder)
-    if evaluate:
-        result.report = score_report(truths, probs, threshold, threshold_source=source, min_area=min_area)
-        log(result.report.format(what))
-        result.threshold_plot = plots.threshold_curve(result.report.thresholds, result.report.scores,
-                                                      result.report.best_threshold, folder / "threshold.png")
-        with atomic_write(folder / "scores.csv", "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(("id", "dice", "iou", "competition_score"))
-            report = result.report
-            writer.writerows((i, f"{d:.6f}", f"{u:.6f}", f"{c:.6f}") for i, d, u, c in
-                             zip(ids, report.image_dice, report.image_iou, report.image_scores))
-        log(f"saved the per-image scores to {folder / 'scores.csv'} and the threshold plot to "
-            f"{folder / 'threshold.png'}")
-    if kaggle_csv:
-        result.submission = write_submission(folder / "submission.csv", ids, masks)
-        log(f"wrote {result.submission}: {n} rows, {sum(bool(m.any()) for m in masks)} with {what}, "
-            f"threshold {threshold:.3f} ({source})")
-    if save_masks:
-        result.masks_dir = write_masks(folder / "masks", ids, masks)
-        log(f"saved {n} full-size mask PNGs to {result.masks_dir}")
-    if overlays:
-        write_overlays(folder / "overlays", ids, images, masks)
-        log(f"saved {n} overlays (the mask's outline in red) to {folder / 'overlays'}")
-    truth_canvas = None if truths is None else canvas(truths) > 0.5
-    result.preview = plots.prediction_grid(canvas(images), canvas(probs), canvas(masks), folder / "preview.png",
-                                           truths=truth_canvas, ids=ids)
-    log(f"saved the preview to {result.preview}")
-    device = "GPU" if gpu else f"CPU, {net.threads} thread(s)"
-    log(f"speed: {n} images in {seconds:.2f} s = {result.images_per_s:.1f} images/s "
-        f"({device}, batch {batch_size}, tta {'on' if tta else 'off'})")
-    return result
+        from tinyunet import plots
+
+        step = max(chunk // batch_size, 1) * batch_size
+        seconds, with_fg, cover = 0.0, 0, np.zeros(n)  # cover: each predicted mask's coverage, for the preview
+        kept_probs, kept_masks = [], []
+        with ExitStack() as stack:
+            add_rows = stack.enter_context(submission_rows(folder / "submission.csv")) if kaggle_csv else None
+            bar = stack.enter_context(tqdm(total=n, desc="predicting", unit="img", disable=None if progress else True,
+                                           file=sys.stderr, dynamic_ncols=True))  # None: hidden unless a terminal
+            for begin in range(0, n, step):
+                index = range(begin, min(begin + step, n))
+                chunk_ids, images = ids[begin:index.stop], read(index)
+                start = time.perf_counter()
+                probs, masks = predict_images(images, bar.update)
+                seconds += time.perf_counter() - start
+                cover[begin:index.stop] = [m.mean() for m in masks]
+                with_fg += sum(bool(m.any()) for m in masks)
+                if add_rows is not None:
+                    add_rows(chunk_ids, masks)
+                if save_masks:
+                    write_masks(folder / "masks", chunk_ids, masks)
+                if overlays:
+                    write_overlays(folder / "overlays", chunk_ids, images, masks)
+                if keep:
+                    kept_probs += probs
+                    kept_masks += masks
+                del images, probs, masks
+
+        result = Prediction(ids=ids, probs=as_stack(kept_probs) if keep else None,
+                            masks=as_stack(kept_masks) if keep else None, threshold=threshold,
+                            threshold_source=source, seconds=seconds, images_per_s=n / max(seconds, 1e-9),
+                            submission=None, preview=None, masks_dir=None, folder=folder)
+        if evaluate:
+            result.report = score_report(truths, result.probs, threshold, threshold_source=source, min_area=min_area)
+            log(result.report.format(what))
+            result.threshold_plot = plots.threshold_curve(result.report.thresholds, result.report.scores,
+                                                          result.report.best_threshold, folder / "threshold.png")
+            with atomic_write(folder / "scores.csv", "w", newline="", encoding="utf-8") as f:
+                writer = csv.writer(f, lineterminator="\n")
+                writer.writerow(("id", "dice", "iou", "competition_score"))
+                report = result.report
+                writer.writerows((i, f"{d:.6f}", f"{u:.6f}", f"{c:.6f}") for i, d, u, c in
+                                 zip(ids, report.image_dice, report.image_iou, report.image_scores))
+            log(f"saved the per-image scores to {folder / 'scores.csv'} and the threshold plot to "
+                f"{folder / 'threshold.png'}")
+        if kaggle_csv:
+            result.submission = folder / "submission.csv"
+            log(f"wrote {result.submission}: {n} rows, {with_fg} with {what}, threshold {threshold:.3f} ({source})")
+        if save_masks:
+            result.masks_dir = folder / "masks"
+            log(f"saved {n} full-size mask PNGs to {result.masks_dir}")
+        if overlays:
+            log(f"saved {n} overlays (the mask's outline in red) to {folder / 'overlays'}")
+
+        # --- the preview: a few images spread over the coverage (of the truth, else of the prediction), again --
+        picks = plots.spread_picks(cover if truths is None else coverage(truths), min(plots.PREVIEW_COLUMNS, n))
+        images = read(picks)
+        probs, masks = predict_images(images)
+        truth_canvas = None if truths is None else canvas(take(truths, picks)) > 0.5
+        result.preview = plots.prediction_grid(canvas(images), canvas(as_stack(probs)), canvas(as_stack(masks)),
+                                               folder / "preview.png", truths=truth_canvas,
+                                               ids=[ids[i] for i in picks])
+        log(f"saved the preview to {result.preview}")
+        device = "GPU" if gpu else f"CPU, {net.threads} thread(s)"
+        log(f"speed: {n} images in {seconds:.2f} s = {result.images_per_s:.1f} images/s "
+            f"({device}, batch {batch_size}, tta {'on' if tta else 'off'})")
+        return result

@@ -63,11 +63,13 @@ class Split:
 
 def load_split(config: TrainConfig, path: Path) -> Split:
     """Load and check the labelled images at ``path`` and split them as a run with ``config`` does."""
-    data = load_train(path, config.mask_suffix, config.mask_threshold)
+    def choose(n: int) -> np.ndarray:  # --limit: a subset chosen by the seed before any image is decoded
+        if config.limit is None or config.limit >= n:
+            return np.arange(n)
+        return np.sort(np.random.default_rng(config.seed).choice(n, config.limit, replace=False))
+
+    data = load_train(path, config.mask_suffix, config.mask_threshold, choose)
     ids, images, masks = data.ids, data.images, data.masks
-    if config.limit is not None and config.limit < len(ids):
-        keep = np.sort(np.random.default_rng(config.seed).choice(len(ids), config.limit, replace=False))
-        ids, images, masks = [ids[i] for i in keep], take(images, keep), take(masks, keep)
     for image in (images if isinstance(images, list) else [images]):
         check_finite(image, f"the images of {path}")
     if len(ids) < 2:
