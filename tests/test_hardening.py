@@ -361,6 +361,19 @@ def test_special_files_and_links_leaving_the_data_are_refused_at_once(tiny_data,
         read_regular_file(tmp_path / "zero" / "test" / "images" / "0000.png", "x.png")
 
 
+def test_a_link_inside_a_zip_is_refused(tiny_data, tmp_path):
+    archive = tmp_path / "linked.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in sorted((tiny_data / "test" / "images").iterdir()):
+            z.write(path, f"test/images/{path.name}")
+        link = zipfile.ZipInfo("test/images/0000.png")  # sorted first
+        link.external_attr = (0o120777 << 16)  # S_IFLNK, as zip --symlinks stores one
+        z.writestr(link, "/etc/passwd")
+    with pytest.raises(DataError) as info:
+        load_test(archive)
+    assert "0000.png is a link inside the zip" in str(info.value) and "\n" not in str(info.value)
+
+
 def test_a_small_file_claiming_many_pixels_or_bytes_is_refused_unread(tiny_data, tmp_path):
     from PIL import Image
 

@@ -271,7 +271,11 @@ class _ZipTree:
         return sorted(found)
 
     def read(self, rel: str) -> bytes:
-        declared = self.zf.getinfo(self.prefix + rel).file_size  # the zip's word, held to it when reading
+        info = self.zf.getinfo(self.prefix + rel)
+        if stat.S_ISLNK(info.external_attr >> 16):  # a Unix link stored as a member: its target is outside the data
+            raise DataError(f"{self.label}/{rel} is a link inside the zip, not a file: zip the file itself "
+                            "(zip without --symlinks), or unpack the zip and give the folder")
+        declared = info.file_size  # the zip's word, held to it when reading
         if declared > MAX_FILE_BYTES:
             raise DataError(f"{self.label}/{rel} declares {declared / 2**20:,.0f} MiB in the zip, more than tinyunet "
                             f"reads from one file ({MAX_FILE_BYTES / 2**20:,.0f} MiB): refused unread")
