@@ -179,6 +179,21 @@ def test_a_failed_start_leaves_no_run_folder_and_no_latest(tmp_path, monkeypatch
     assert list((tmp_path / "runs").iterdir()) == []
 
 
+def test_a_failure_in_the_first_epoch_leaves_no_run_folder_and_latest_as_it_was(tmp_path, monkeypatch, tiny_data):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "latest").write_text("older\n")  # a pointer train.py wrote for an earlier run
+
+    def crash(*args, **kwargs):
+        raise MemoryError("out of memory in the first batch")
+
+    monkeypatch.setattr("tinyunet.training.train_epoch", crash)
+    with pytest.raises(MemoryError):
+        train(build_config({"data": str(tiny_data), "epochs": 1, "features": 2, "depth": 2, "input_size": 32}))
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["latest"]
+    assert (tmp_path / "runs" / "latest").read_text() == "older\n"
+
+
 def test_a_history_that_cannot_be_written_is_one_line(tmp_path):
     (tmp_path / "history.csv").mkdir()  # EISDIR, as EFBIG or EPERM would be
     with pytest.raises(RunError, match=r"cannot write .*history.csv .*check free space and permissions"):

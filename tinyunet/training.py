@@ -310,23 +310,26 @@ def train(config: TrainConfig) -> Path:
     run = prepare_run_folder(out, resuming=resume_from is not None)
     try:
         return _train_in(config, run, resume_from, created, wall_start)
+    except BaseException:  # bad data, no GPU, Ctrl-C, a crash before any epoch finished: no empty run folder
+        if created:
+            discard_run_folder(run)
+        raise
     finally:
         release_run_folder(run)
 
 
 def _train_in(config: TrainConfig, run: Path, resume_from, created: bool, wall_start: float) -> Path:
     """:func:`train` in the prepared and locked run folder ``run`` (``created``: by this call)."""
-    try:
-        model, optimizer, history, prep, config = _setup(config, run, resume_from)
-        net = DataParallel(model, config.threads)  # what runs the batches; model holds the weights
-        pointed = write_latest(run)
-    except BaseException:  # bad data, no GPU, Ctrl-C while reading: leave no empty run folder behind
-        if created:
-            discard_run_folder(run)
-        raise
-    if not pointed:
-        say(f"note: {latest_file(run)} is not a pointer train.py wrote, so it is left as it is; "
-            f"give predict.py --model {run / 'best.npz'}")
+    model, optimizer, history, prep, config = _setup(config, run, resume_from)
+    net = DataParallel(model, config.threads)  # what runs the batches; model holds the weights
+
+    def point_latest() -> bool:  # runs/latest -> this run, once it holds an epoch (or is resumed)
+        if not write_latest(run):
+            say(f"note: {latest_file(run)} is not a pointer train.py wrote, so it is left as it is; "
+                f"give predict.py --model {run / 'best.npz'}")
+        return True
+
+    pointed = not created and point_latest()
 
     _describe(config, run, net, prep, resumed_after=len(history) if resume_from is not None else None,
               lr=optimizer.lr)
@@ -402,6 +405,7 @@ def _train_in(config: TrainConfig, run: Path, resume_from, created: bool, wall_s
                                 model.buffers)
                 last_saved = epoch + 1
                 write_history(run / "history.csv", history)
+                pointed = pointed or point_latest()
                 notes = (["saved best.npz"] if saved else []) + ([f"saved {snapshot.name}"] if snapshot else []) + \
                         ([f"lr -> {optimizer.lr:.1e}"] if reduced else []) + (["early stop"] if stop else [])
                 say(f"epoch {epoch + 1:3d}/{config.epochs}  loss {loss:.4f}  acc {acc:.4f}  val_loss {val_loss:.4f}  "
@@ -415,8 +419,9 @@ def _train_in(config: TrainConfig, run: Path, resume_from, created: bool, wall_s
             summary = finish(net, prep, config, run, history)
     except KeyboardInterrupt as err:
         how = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted (Ctrl-C)"
-        raise TrainingInterrupted(f"{how}; " + _saved_note(run, last_saved, history)
-                                  + f" Continue with: python train.py --resume {run}") from None
+        again = (f" The run folder {run} is removed: start again" if created and last_saved == 0
+                 else f" Continue with: python train.py --resume {run}")
+        raise TrainingInterrupted(f"{how}; " + _saved_note(run, last_saved, history) + again) from None
     best_epoch, val_loss, threshold, score, collapse = summary
     minutes, seconds = divmod(time.perf_counter() - wall_start, 60)
     say(f"done in {int(minutes)}m{seconds:04.1f}s: best epoch {best_epoch} (val_loss {val_loss:.4f}), "
