@@ -13,7 +13,7 @@ from PIL import Image
 from helpers import exit_code
 from tinyunet.checkpoint import load_checkpoint
 from tinyunet.cli import predict_main, train_main
-from tinyunet.config import config_from_args
+from tinyunet.config import build_config, config_from_args
 from tinyunet.data import DataError, load_images, load_train
 from tinyunet.pipeline import probabilities
 from tinyunet.prepare import load_split
@@ -64,6 +64,21 @@ def test_rgb_and_mixed_sizes_train_and_the_checkpoint_knows_its_channels(tmp_pat
         meta = load_checkpoint(run / "best.npz").meta
         assert meta["model"]["in_channels"] == 3 and meta["args"]["fit"] == fit
     assert "3 channels" in capsys.readouterr().out
+
+
+def test_folds_over_a_set_of_mixed_sizes(tmp_path):
+    """Cross-validation gathers the out-of-fold maps of images of different sizes, each at its own size."""
+    import json
+
+    from tinyunet.folds import train_folds
+
+    data = blob_set(tmp_path / "d", n=10, sizes=((24, 32), (40, 20)))
+    root = train_folds(build_config({"data": str(data), "out": str(tmp_path / "cv"), "folds": 2, "epochs": 1,
+                                     "features": 2, "depth": 2, "input_size": 16, "batch_size": 4, "fit": "pad",
+                                     "progress": False, "plots": False, "threads": 1}))
+    cv = json.loads((root / "cv.json").read_text())
+    assert len(cv["fold_scores"]) == 2 and 0 <= cv["cv_score"] <= 1
+    assert load_checkpoint(root / "ensemble.npz").meta["cv"]["cv_score"] == cv["cv_score"]
 
 
 def test_predict_a_folder_and_single_files_full_size_masks_overlays_and_no_csv(tmp_path, monkeypatch):

@@ -23,8 +23,6 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 from tinyunet.backend import as_numpy
 from tinyunet.checkpoint import load_checkpoint
 from tinyunet.ensemble import save_ensemble
@@ -34,6 +32,7 @@ from tinyunet.pipeline import probabilities
 from tinyunet.config import TrainConfig, build_config, validate
 from tinyunet.prepare import prepare_data, resolve_data
 from tinyunet.runs import new_run_folder
+from tinyunet.transforms import as_stack, canvas
 from tinyunet.training import EVAL_BATCH, say, train, tune_postprocessing
 
 
@@ -61,19 +60,19 @@ def train_folds(config: TrainConfig) -> Path:
 
     # The out-of-fold probabilities: every image predicted by the one model that never trained on it.
     path = resolve_data(config, say)
-    oof, truth, members, scores = None, None, [], []
+    oof, truth, members, scores = {}, {}, [], []  # oof, truth: image index -> (H, W) at the image's own size
     for k, folder in enumerate(folders):
         model, best = load_model(folder / "best.npz", gpu=config.gpu)
         net = DataParallel(model, config.threads)
         prep = prepare_data(replace(config, fold=k), path, model.xp, model.dtype)
-        probs = as_numpy(probabilities(net, prep.val_images, config.fit, config.input_size, batch_size=EVAL_BATCH,
-                                       tta=config.tta))  # (M, H, W)
-        if oof is None:
-            oof = np.empty((len(prep.ids),) + probs.shape[1:], dtype=probs.dtype)
-            truth = np.empty(oof.shape, dtype=bool)
-        oof[prep.val_idx], truth[prep.val_idx] = probs, as_numpy(prep.val_truth)
+        probs = probabilities(net, prep.val_images, config.fit, config.input_size, batch_size=EVAL_BATCH,
+                              tta=config.tta)  # (M, H, W), or a list of (H, W) for mixed sizes
+        for i, p, t in zip(prep.val_idx, probs, as_numpy(prep.val_truth)):  # truth on a canvas: crop it
+            oof[int(i)], truth[int(i)] = as_numpy(p), t[:p.shape[0], :p.shape[1]]
         members.append(best)
         scores.append(float(best.meta["val_score"]))
+    order = sorted(oof)
+    oof, truth = (canvas(as_stack([part[i] for i in order])) for part in (oof, truth))  # (N, H, W)
     min_area, threshold, score, _, _ = tune_postprocessing(truth, oof, config)
     shared = {key: value for key, value in members[0].meta.items() if key not in ("history", "callbacks", "model")}
     cv = {"folds": config.folds, "fold_scores": scores, "cv_score": score}
