@@ -335,6 +335,21 @@ def test_prediction_reads_the_images_chunk_by_chunk(tmp_path, monkeypatch):
     assert len(read_submission(tmp_path / "out" / "submission.csv")[1]) == 7
 
 
+def test_a_failed_prediction_leaves_no_empty_folder(tmp_path, pattern_data, monkeypatch):
+    data, _ = pattern_data
+    model = save_model(tmp_path / "run" / "best.npz", data)
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate 9 GiB")
+
+    monkeypatch.setattr(prediction, "probabilities", out_of_memory)
+    for out in (None, tmp_path / "new" / "out"):
+        with pytest.raises(MemoryError):
+            predict(model=model, out=out, save_masks=True, progress=False, log=quiet)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["best.npz"]
+    assert not (tmp_path / "new").exists()
+
+
 def test_failed_write_keeps_the_old_submission(tmp_path, monkeypatch):
     out = tmp_path / "submission.csv"
     out.write_text("id,rle_mask\nold,1 2\n")

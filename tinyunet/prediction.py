@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 from contextlib import ExitStack, contextmanager
 import sys
 import time
@@ -212,6 +213,20 @@ def output_folder(out: str | os.PathLike | None, model_path: Path) -> Path:
     return out
 
 
+@contextmanager
+def removed_if_empty_on_failure():
+    """A list for the folders a command creates; when the block fails, those holding no file are removed
+    (with their empty subfolders), so a failed command leaves no empty folder behind."""
+    created: list[Path] = []
+    try:
+        yield created
+    except BaseException:
+        for folder in created:
+            if folder.is_dir() and not any(path.is_file() for path in folder.rglob("*")):
+                shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
 # ------------------------------------------------------------------------------------------------
 # Prediction
 # ------------------------------------------------------------------------------------------------
@@ -326,7 +341,7 @@ def predict(
         del labelled
     else:
         files = ImageFiles(sources)
-    with files:  # a zip of images stays open while its images are read, chunk by chunk
+    with files, removed_if_empty_on_failure() as created:  # a zip stays open while its images are read
         ids, sizes = files.ids, files.sizes()
         want = net.config.get("in_channels", 1)
         n = len(ids)
@@ -359,7 +374,10 @@ def predict(
             return probs, [drop_small(binarize(p[None], threshold), min_area)[0] for p in probs]
 
         # --- the output folder, created before the slow part ----------------------------------------------
+        target = Path(out) if out is not None else model_path.parent / "predictions"
+        missing = [path for path in (target, *target.parents) if not path.exists()]  # created below
         folder = output_folder(out, model_path)
+        created += ([folder] if out is None else []) + missing[-1:]  # a stamped folder is always new
 
         # --- the network and the outputs, chunk by chunk ---------------------------------------------------
         from tqdm import tqdm
