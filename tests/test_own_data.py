@@ -63,7 +63,9 @@ def test_rgb_and_mixed_sizes_train_and_the_checkpoint_knows_its_channels(tmp_pat
         assert exit_code(train_main, ["--data", data, "--out", run, "--fit", fit, *TINY]) == 0
         meta = load_checkpoint(run / "best.npz").meta
         assert meta["model"]["in_channels"] == 3 and meta["args"]["fit"] == fit
-    assert "3 channels" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "3 channels" in out
+    assert "validation score (competition metric)" in out and "validation competition score" not in out
 
 
 def test_folds_over_a_set_of_mixed_sizes(tmp_path):

@@ -287,6 +287,7 @@ def test_a_resumed_run_shows_the_rate_it_continues_at(tiny_data, tmp_path, capsy
     out = capsys.readouterr().out
     assert "lr=0.0001 (reduced on plateau from 0.001)" in out
     assert "lr 1.0e-04" in out  # the epoch line: the rate the epoch actually used
+    assert "validation competition score" in out  # TGS-like data (101 x 101 gray): the competition's name
 
 
 def test_resume_checks(tiny_data, tmp_path):

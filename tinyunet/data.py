@@ -625,6 +625,12 @@ def load_depths(path: str | Path, ids: list[str]) -> np.ndarray | None:
     return depths
 
 
+def tgs_like(sizes, channels: int) -> bool:
+    """Whether images of ``sizes`` ((H, W) each) and ``channels`` look like the TGS competition's: 101 x 101
+    gray. Then the Kaggle CSV, the word "salt" and the competition's name apply."""
+    return channels == 1 and set(map(tuple, sizes)) == {(101, 101)}
+
+
 # --------------------------------------------------------------------------------------------
 # Coverage and the stratified split
 # --------------------------------------------------------------------------------------------

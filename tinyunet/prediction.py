@@ -37,7 +37,7 @@ import numpy as np
 from tinyunet.backend import GPUUnavailableError, as_numpy
 from tinyunet.checkpoint import CheckpointError
 from tinyunet.config import config_from_args
-from tinyunet.data import DataError, ImageFiles, coverage, fingerprint, load_train
+from tinyunet.data import DataError, ImageFiles, coverage, fingerprint, load_train, tgs_like
 from tinyunet.ensemble import Ensemble
 from tinyunet.evaluation import Report, evaluate as score_report
 from tinyunet.files import atomic_write, make_writable_folder
@@ -345,7 +345,7 @@ def predict(
         ids, sizes = files.ids, files.sizes()
         want = net.config.get("in_channels", 1)
         n = len(ids)
-        tgs = want == 1 and set(sizes) == {(101, 101)}  # TGS-like: 101 x 101 gray (the Kaggle CSV, "salt")
+        tgs = tgs_like(sizes, want)  # once converted to the model's channels
         what = "salt" if tgs else "mask"
         shapes = sorted(set(sizes))
         size = f"{shapes[0][1]}x{shapes[0][0]}" if len(shapes) == 1 else f"{len(shapes)} sizes"

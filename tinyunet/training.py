@@ -53,7 +53,7 @@ from tinyunet.callbacks import CosineAnnealing, EarlyStopping, ModelCheckpoint, 
 from tinyunet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from tinyunet.config import (FIXED_ON_RESUME, MIN_AREAS, MONITORS, QUICK, ConfigError, TrainConfig, config_from_args,
                              dropout_rates, flag, validate)
-from tinyunet.data import DataError
+from tinyunet.data import DataError, tgs_like
 from tinyunet.ensemble import save_ensemble
 from tinyunet.files import remove_stale_temporaries
 from tinyunet.layers import sigmoid
@@ -423,9 +423,11 @@ def _train_in(config: TrainConfig, run: Path, resume_from, created: bool, wall_s
                  else f" Continue with: python train.py --resume {run}")
         raise TrainingInterrupted(f"{how}; " + _saved_note(run, last_saved, history) + again) from None
     best_epoch, val_loss, threshold, score, collapse = summary
+    sizes = prep.val_sizes if isinstance(prep.val_sizes, list) else [prep.val_sizes]
+    score_name = "competition score" if tgs_like(sizes, prep.channels) else "score (competition metric)"
     minutes, seconds = divmod(time.perf_counter() - wall_start, 60)
     say(f"done in {int(minutes)}m{seconds:04.1f}s: best epoch {best_epoch} (val_loss {val_loss:.4f}), "
-         f"best threshold {threshold:.3f}, validation competition score {score:.4f}")
+         f"best threshold {threshold:.3f}, validation {score_name} {score:.4f}")
     say(f"run folder: {run}  (best.npz for predict.py, history.csv, plots)")
     if collapse is not None:
         say(collapse)
