@@ -5,10 +5,11 @@
 
 Steps: load the checkpoint (:func:`tinyunet.models.load_model`; its metadata says how to build the
 model and fit images to it), read the test images (Kaggle's layout, a folder or the competition zip;
-any image size), predict the salt probability in batches (NumPy, or CuPy with ``gpu``), bring it back
-to each image's size, threshold it (the checkpoint's best threshold unless ``threshold``), and write
-``submission.csv`` (``id,rle_mask``; one row per test image; an empty string for no salt)
-atomically, so a failure never leaves half a submission over an old one.
+any image size; :data:`CHUNK` at a time, each chunk predicted and written before the next is read,
+so memory is bounded by the chunk), predict the salt probability in batches (NumPy, or CuPy with
+``gpu``), bring it back to each image's size, threshold it (the checkpoint's best threshold unless
+``threshold``), and write ``submission.csv`` (``id,rle_mask``; one row per test image; an empty
+string for no salt) atomically, so a failure never leaves half a submission over an old one.
 
 With ``evaluate`` the *train* part of the data (images with masks) is predicted instead and scored:
 the competition score, IoU, pixel accuracy and the score per coverage class are printed and the
@@ -130,7 +131,8 @@ def submission_rows(path: Path):
 
 
 def write_submission(path: str | os.PathLike, ids: list[str], masks: np.ndarray) -> Path:
-    """Write ``id,rle_mask`` rows for (N, H, W) boolean ``masks`` atomically (:func:`submission_rows`); return the path."""
+    """Write ``id,rle_mask`` rows for (N, H, W) boolean ``masks`` atomically (:func:`submission_rows`);
+    return the path."""
     path = Path(path)
     if len(ids) != len(masks):
         raise ValueError(f"write_submission got {len(ids)} ids for {len(masks)} masks")
@@ -264,8 +266,8 @@ def predict(
     part of the model's own training split) the images are scored instead: Dice, IoU, the competition
     score, ``scores.csv`` per image and ``threshold.png``. Images are read, predicted and written
     ``chunk`` at a time, so memory is bounded by the chunk; the result holds every probability map and
-    mask only with ``keep`` (always with ``evaluate``, whose sweep needs them). Problems raise one of :data:`USER_ERRORS`
-    with a one-line message, before the slow work where they can be known then.
+    mask only with ``keep`` (always with ``evaluate``, whose sweep needs them). Problems raise one of
+    :data:`USER_ERRORS` with a one-line message, before the slow work where they can be known then.
     """
     # --- the arguments, before anything slow ---------------------------------------------------
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -362,9 +364,11 @@ def predict(
             try:
                 images = to_channels(images, want)
             except ValueError as err:
-                raise PredictError(f"cannot predict {', '.join(map(str, sources[:3]))} with {model_path}: {err}") from None
-            if not converted:
-                converted.append(log(f"note: the images converted to the model's {want} channel(s) (gray <-> RGB)"))
+                raise PredictError(f"cannot predict {', '.join(map(str, sources[:3]))} with {model_path}: "
+                               f"{err}") from None
+            if not converted:  # said once, at the first chunk
+                log(f"note: the images converted to the model's {want} channel(s) (gray <-> RGB)")
+                converted.append(True)
             return images
 
         def predict_images(images, progress=None):  # -> probabilities (NumPy) and masks, one per image
@@ -389,8 +393,8 @@ def predict(
         kept_probs, kept_masks = [], []
         with ExitStack() as stack:
             add_rows = stack.enter_context(submission_rows(folder / "submission.csv")) if kaggle_csv else None
-            bar = stack.enter_context(tqdm(total=n, desc="predicting", unit="img", disable=None if progress else True,
-                                           file=sys.stderr, dynamic_ncols=True))  # None: hidden unless a terminal
+            bar = stack.enter_context(tqdm(total=n, desc="predicting", unit="img", file=sys.stderr,
+                                           dynamic_ncols=True, disable=None if progress else True))  # None: if a pipe
             for begin in range(0, n, step):
                 index = range(begin, min(begin + step, n))
                 chunk_ids, images = ids[begin:index.stop], read(index)
@@ -415,7 +419,8 @@ def predict(
                             threshold_source=source, seconds=seconds, images_per_s=n / max(seconds, 1e-9),
                             submission=None, preview=None, masks_dir=None, folder=folder)
         if evaluate:
-            result.report = score_report(truths, result.probs, threshold, threshold_source=source, min_area=min_area)
+            result.report = score_report(truths, result.probs, threshold, threshold_source=source,
+                                         min_area=min_area)
             log(result.report.format(what))
             result.threshold_plot = plots.threshold_curve(result.report.thresholds, result.report.scores,
                                                           result.report.best_threshold, folder / "threshold.png")
@@ -429,7 +434,8 @@ def predict(
                 f"{folder / 'threshold.png'}")
         if kaggle_csv:
             result.submission = folder / "submission.csv"
-            log(f"wrote {result.submission}: {n} rows, {with_fg} with {what}, threshold {threshold:.3f} ({source})")
+            log(f"wrote {result.submission}: {n} rows, {with_fg} with {what}, threshold {threshold:.3f} "
+                f"({source})")
         if save_masks:
             result.masks_dir = folder / "masks"
             log(f"saved {n} full-size mask PNGs to {result.masks_dir}")
