@@ -233,6 +233,13 @@ def removed_if_empty_on_failure():
 # Prediction
 # ------------------------------------------------------------------------------------------------
 
+def _geometry(meta: dict, depth: int) -> str:
+    """How images meet the network, in words: 'resize to 128', 'pad to a multiple of 16'."""
+    if meta.get("fit") == "pad":
+        return f"pad to a multiple of {2 ** depth}"
+    return f"resize to {meta.get('input_size')}"
+
+
 def predict(
     model: str | os.PathLike | None = None,
     data: str | os.PathLike | list | None = None,
@@ -303,7 +310,7 @@ def predict(
 
     members = f", an ensemble of {len(net.members)}" if isinstance(net, Ensemble) else ""
     log(f"model: {model_path} (features={net.config['features']}, depth={net.config['depth']}{members}, "
-        f"{net.config.get('in_channels', 1)} channel(s), {meta.get('fit')} to {meta.get('input_size')}, "
+        f"{net.config.get('in_channels', 1)} channel(s), {_geometry(meta, net.config['depth'])}, "
         f"epoch {meta.get('epoch', '?')}, {'GPU (CuPy)' if gpu else f'CPU (NumPy), {net.threads} thread(s)'})")
     if source == "default":
         log(f"note: the checkpoint records no best threshold; using {DEFAULT_THRESHOLD} "
