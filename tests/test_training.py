@@ -469,11 +469,11 @@ def test_the_seed_recipe_trains_bit_identically_to_before_the_redesign(tmp_path)
 
 
 def test_a_checkpoint_from_before_the_redesign_predicts_exactly_as_then():
-    """tests/data/seed_v1_tiny.npz and the probabilities it gave were written by the code of fad8ddf."""
+    """tests/fixtures/seed_v1_tiny.npz and the probabilities it gave were written by the code of fad8ddf."""
     from tinyunet.models import load_model
 
-    model, _ = load_model(Path(__file__).parent / "data" / "seed_v1_tiny.npz")
-    saved = np.load(Path(__file__).parent / "data" / "seed_v1_tiny_io.npz")
+    model, _ = load_model(Path(__file__).parent / "fixtures" / "seed_v1_tiny.npz")
+    saved = np.load(Path(__file__).parent / "fixtures" / "seed_v1_tiny_io.npz")
     np.testing.assert_array_equal(model.predict(saved["x"]), saved["probs"])
 
 

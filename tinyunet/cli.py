@@ -32,7 +32,8 @@ EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 @contextmanager
 def _sigterm_as(exception: type[BaseException]):
-    """Within the block SIGTERM raises ``exception`` (a KeyboardInterrupt), so it stops like Ctrl-C:
+    """Within the block SIGTERM raises ``exception`` (a KeyboardInterrupt), so it stops like Ctrl-C, and
+    SIGINT raises KeyboardInterrupt:
     atomic writes clean up and the finished epochs are reported. Yields a list that is non-empty once
     SIGTERM has come."""
     received: list[int] = []
@@ -43,13 +44,17 @@ def _sigterm_as(exception: type[BaseException]):
 
     try:
         previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (train_main called from a thread): leave SIGTERM as it is
+        # Ctrl-C too, even where SIGINT came in ignored (a job started in the background of a
+        # non-interactive shell inherits that, and Python then never raises KeyboardInterrupt)
+        previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    except ValueError:  # not the main thread (train_main called from a thread): leave the signals as they are
         yield received
         return
     try:
         yield received
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def _one_line(err: BaseException, what: str) -> str:
