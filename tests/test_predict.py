@@ -25,7 +25,7 @@ from tinyunet.checkpoint import CheckpointError, save_checkpoint
 from tinyunet.cli import predict_main, predict_parser
 from tinyunet.data import DataError, fingerprint, load_train
 from tinyunet.evaluation import Report, evaluate
-from tinyunet.prediction import PredictError, choose_threshold, predict, write_submission
+from tinyunet.prediction import choose_threshold, predict, write_submission
 from tinyunet.rle import rle_decode, rle_encode
 from tinyunet.unet import UNet
 

@@ -22,7 +22,7 @@ The conv units, chosen by the model's ``block`` setting:
     "double"     conv3x3 -> ReLU -> conv3x3 -> ReLU                       (the seed recipe)
     "double_bn"  conv3x3 -> BN -> ReLU -> conv3x3 -> BN -> ReLU             (no conv bias before a BN)
     "residual"   relu( BN(conv3x3(relu(BN(conv3x3(x))))) + shortcut(x) )     shortcut: x itself when the
-                 channels agree, else a 1x1 conv (no bias: the sum's BN beta already shifts it)
+                 channels agree, else a 1x1 conv (no bias: bn2's beta already shifts the sum)
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class Block:
     def __init__(self, children: dict, inline: bool = False):
         self.children = dict(children)  # name -> layer or Block, in forward order
         self.inline = inline  # True: the children's names join the parent's (enc1.conv1, not enc1.convs.conv1)
-        names = [name for name, _ in self._own_names()]
+        names = [name for name, _ in self.named_layers()]  # an inline child's names join this block's
         if len(set(names)) != len(names):
             raise ValueError(f"{type(self).__name__}: two children share a name in {names}")
 
@@ -58,14 +58,6 @@ class Block:
 
     def _prefix(self, prefix: str, name: str, child: Block) -> str:
         return prefix if child.inline else f"{prefix}{name}."
-
-    def _own_names(self):
-        """(name, layer or block) as the parent sees them: an inline child's children in its place."""
-        for name, child in self.children.items():
-            if isinstance(child, Block) and child.inline:
-                yield from child._own_names()
-            else:
-                yield name, child
 
     def forward(self, *inputs, train: bool = False):
         return self.wiring(lambda name, *xs: self.children[name].forward(*xs, train=train), *inputs)

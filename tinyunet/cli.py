@@ -184,16 +184,16 @@ def parse_train_args(argv: list[str] | None = None) -> tuple[dict, bool]:
                         f"or reflect-'pad' to a multiple of 2**depth {_default('fit')}")
     parser.add_argument("--input-size", type=int, help=f"network input side for --fit resize, a multiple of "
                         f"2**depth {_default('input_size')}")
-    parser.add_argument("--patience", type=int, help=f"early stopping: epochs without a better val_loss "
+    parser.add_argument("--patience", type=int, help=f"early stopping: epochs without a better --monitor value "
                         f"{_default('patience')}")
     parser.add_argument("--lr-patience", type=int, help=f"reduce the learning rate after this many epochs "
-                        f"without a better val_loss {_default('lr_patience')}")
+                        f"without a better --monitor value {_default('lr_patience')}")
     parser.add_argument("--lr-factor", type=float, help=f"factor of that reduction, in (0, 1) "
                         f"{_default('lr_factor')}")
     parser.add_argument("--min-lr", type=float, help=f"the learning rate's floor {_default('min_lr')}")
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction,
                         help="add (or, with --no-flip, do not add) the left-right mirror of every training image, "
-                        "doubling the training part (default: add them; quick run on the synthetic set: not)")
+                        "as --flip-mode says (default: add them; quick run on the synthetic set: not)")
     parser.add_argument("--schedule", choices=SCHEDULES, help="the learning rate: 'plateau' cuts it by "
                         "--lr-factor after --lr-patience flat epochs (the seed); 'cosine' anneals it from --lr to "
                         "--min-lr over every --cycle epochs, then restarts, saving snapshot<k>.npz at each cycle's "

@@ -57,8 +57,8 @@ class TrainConfig:
     resume: str | None = None  # a run folder (or its last.npz) to continue
     fit: str = "resize"  # how images meet the network: "resize" to input_size, or reflect-"pad"
     input_size: int = 128  # network input side with fit="resize"; a multiple of 2**depth
-    patience: int = 7  # EarlyStopping on val_loss
-    lr_patience: int = 5  # ReduceLROnPlateau on val_loss
+    patience: int = 7  # EarlyStopping on the monitored value
+    lr_patience: int = 5  # ReduceLROnPlateau on the monitored value
     lr_factor: float = 0.1
     min_lr: float = 1e-5
     schedule: str = "plateau"  # "plateau": x lr_factor after lr_patience flat epochs; "cosine": warm restarts

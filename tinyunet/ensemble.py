@@ -42,8 +42,8 @@ class Ensemble:
         """log(p / (1 - p)) of the members' mean probability p (N, H, W, 1); no training."""
         if train:
             raise RuntimeError("an Ensemble only predicts: train its members one by one")
-        xp = get_array_module(x)
         p = sigmoid(self.members[0].forward(x))
+        xp = get_array_module(p)  # the members' device, whatever x came as
         for member in self.members[1:]:
             p += sigmoid(member.forward(x))
         p /= p.dtype.type(len(self.members))
@@ -55,14 +55,14 @@ def member_prefix(k: int) -> str:
     return f"m{k}/"
 
 
-def save_ensemble(path: str | os.PathLike, members: list[Checkpoint], meta: dict, dtype=None) -> Path:
+def save_ensemble(path: str | os.PathLike, members: list[Checkpoint], meta: dict) -> Path:
     """One checkpoint holding every member's parameters and buffers, and ``meta`` with ``members``
-    (each member's ``meta["model"]``). ``dtype`` (e.g. np.float16) converts the stored arrays."""
+    (each member's ``meta["model"]``)."""
     params, buffers = {}, {}
     for k, member in enumerate(members):
         for store, arrays in ((params, member.params), (buffers, member.buffers)):
             for name, value in arrays.items():
-                store[member_prefix(k) + name] = value if dtype is None else np.asarray(value).astype(dtype)
+                store[member_prefix(k) + name] = value
     meta = {**meta, "members": [dict(member.meta["model"]) for member in members]}
     return save_checkpoint(path, params, meta, buffers=buffers)
 

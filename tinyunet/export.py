@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tinyunet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from tinyunet.checkpoint import CheckpointError, save_checkpoint
 from tinyunet.models import load_model
 
 DROPPED = ("history", "callbacks")  # metadata only training and --resume read
@@ -27,8 +27,7 @@ DROPPED = ("history", "callbacks")  # metadata only training and --resume read
 
 def export(source: str | os.PathLike, target: str | os.PathLike, float16: bool = False) -> Path:
     """Write ``target`` from the checkpoint ``source`` (checked by loading it as a model first)."""
-    load_model(source)  # the same checks as predict.py: a file that would not predict is refused here
-    ckpt = load_checkpoint(source)
+    _, ckpt = load_model(source)  # the same checks as predict.py: a file that would not predict is refused
     if Path(target).resolve() == ckpt.path.resolve():
         raise CheckpointError(f"{target} is the checkpoint being exported: choose another output file")
 

@@ -405,6 +405,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _load_model(args):
     """(model, fit, input_size, description) from --model, or the untrained seed model."""
+    from tinyunet.ensemble import Ensemble
     from tinyunet.models import load_model
     from tinyunet.unet import UNet
 
@@ -414,6 +415,9 @@ def _load_model(args):
             f"untrained seed model (no --model given): UNet features={args.features} depth={args.depth} "
             f"seed={args.seed}")
     model, ckpt = load_model(args.model)
+    if isinstance(model, Ensemble):
+        raise ValueError(f"{args.model} is an ensemble of {len(model.members)} models; study mode looks inside one: "
+                         "pass one member's checkpoint (a snapshot<k>.npz or a fold's best.npz)")
     epoch = ckpt.meta.get("epoch")
     text = f"{args.model}" + (f" (epoch {epoch})" if epoch is not None else "")
     return model, ckpt.meta["fit"], ckpt.meta.get("input_size", 128), text

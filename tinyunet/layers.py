@@ -443,7 +443,8 @@ class BatchNormalization:
         inv_m = one / x.dtype.type(len(rows))
         mean = column_sums(rows) * inv_m  # (C,)
         centred = rows - mean  # (M, C)
-        var = column_sums(centred * centred) * inv_m  # (C,) biased, as Keras normalises
+        out = centred * centred  # (M, C): the squares, then (below) the output
+        var = column_sums(out) * inv_m  # (C,) biased, as Keras normalises
         self.inv_std = one / xp.sqrt(var + x.dtype.type(self.epsilon))
         self.xhat = centred
         self.xhat *= self.inv_std  # in place: the centred rows become xhat
@@ -453,7 +454,9 @@ class BatchNormalization:
                 moving = self.buffers[name]
                 moving *= m
                 moving += (one - m) * batch
-        return (self.xhat * gamma + beta).reshape(x.shape)
+        xp.multiply(self.xhat, gamma, out=out)
+        out += beta  # gamma * xhat + beta, in the squares' buffer
+        return out.reshape(x.shape)
 
     def _moving_inv_std(self):
         variance = self.buffers["moving_variance"]
@@ -469,10 +472,13 @@ class BatchNormalization:
             return dout * (self.params["gamma"] * inv_std)
         inv_m = dout.dtype.type(1) / dout.dtype.type(len(drows))
         dbeta = column_sums(drows)  # (C,)
-        dgamma = column_sums(drows * self.xhat)  # (C,)
+        dx = drows * self.xhat  # (M, C): one buffer for every pass below
+        dgamma = column_sums(dx)  # (C,)
         self.grads["beta"][...] = dbeta
         self.grads["gamma"][...] = dgamma
-        dx = drows - (self.xhat * (dgamma * inv_m) + dbeta * inv_m)  # (M, C)
+        get_array_module(dout).multiply(self.xhat, dgamma * inv_m, out=dx)
+        dx += dbeta * inv_m
+        get_array_module(dout).subtract(drows, dx, out=dx)  # dout - (xhat * dgamma + dbeta) / M
         dx *= self.params["gamma"] * self.inv_std
         return dx.reshape(dout.shape)
 

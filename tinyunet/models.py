@@ -79,9 +79,12 @@ def load_into(model: UNet, ckpt: Checkpoint) -> None:
     own_buffers = {name: tuple(b.shape) for name, b in model.buffers.items()}
     saved_buffers = {name: tuple(b.shape) for name, b in ckpt.buffers.items()}
     if list(own_buffers.items()) != list(saved_buffers.items()):
+        differ = next((f"first difference: {s} {s_shape} in the file, {o} {o_shape} in the model"
+                       for (s, s_shape), (o, o_shape) in zip(saved_buffers.items(), own_buffers.items())
+                       if (s, s_shape) != (o, o_shape)), "")
         raise CheckpointError(f"{ckpt.path} holds {len(saved_buffers)} buffer arrays (BatchNorm statistics), "
-                              f"the model it describes {len(own_buffers)}: the file is damaged or was edited: "
-                              "use another checkpoint or train again")
+                              f"the model it describes {len(own_buffers)}{'; ' + differ if differ else ''}: "
+                              f"{_DAMAGED}")
     arrays = {**ckpt.params, **ckpt.buffers}
     bad = [name for name, a in arrays.items() if not np.isfinite(a).all()]
     if bad:
@@ -94,7 +97,6 @@ def load_into(model: UNet, ckpt: Checkpoint) -> None:
 def _load_one(ckpt: Checkpoint, gpu: bool) -> UNet:
     """The U-Net of ``ckpt.meta["model"]`` with the checkpoint's arrays loaded (float16 ones widened)."""
     where, config = ckpt.path, ckpt.meta.get("model")
-    check_model_settings(config, where)
     dtype = float_dtype(ckpt)
     model = build_model(config, where, dtype=np.float32 if dtype == np.float16 else dtype, gpu=gpu)
     load_into(model, ckpt)

@@ -4,8 +4,9 @@
                   last.npz      everything ``--resume`` needs, rewritten after every epoch
                   history.csv   one row per epoch (:data:`HISTORY_COLUMNS`)
                   *.png         the plots
-    runs/latest   the newest run folder's path relative to runs/, written when a run starts (a run
-                  folder outside runs/ gets the file in its own parent folder)
+    runs/latest   the newest run folder's path relative to runs/, written once a new run holds its first
+                  epoch (at the start when resuming; a run folder outside runs/ gets the file in its own
+                  parent folder)
 
 Every file is written atomically (:mod:`tinyunet.files`). A training holds an exclusive ``flock`` on
 ``<run>/.lock`` while it runs, so a second training on the same folder stops with one line instead of

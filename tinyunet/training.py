@@ -11,12 +11,13 @@ One epoch, as the recipe has it::
                          model.backward(dlogits); adam.step(model.grads)
     validation: loss and pixel accuracy at the network's size, the competition score at threshold 0.5
                 on the probabilities brought back to the images' own size
-    callbacks, in Keras's order: EarlyStopping, ModelCheckpoint (best.npz), ReduceLROnPlateau
+    callbacks, in Keras's order: EarlyStopping, ModelCheckpoint (best.npz), ReduceLROnPlateau (or, with
+               --schedule cosine, CosineAnnealing and a snapshotNN.npz at each cycle's end)
     last.npz (everything --resume needs), history.csv
 
 After the last epoch (or an early stop) the weights of best.npz predict the validation set, 50
 thresholds are swept with the competition metric, and the best one goes into best.npz's metadata,
-which is what predict.py uses. Then the plots and a summary.
+which is what predict.py uses (with two or more snapshots, ensemble.npz too). Then the plots and a summary.
 
 The run folder (best.npz, last.npz, history.csv, the plots, runs/latest) is :mod:`tinyunet.runs`; the
 data is found, split and fitted by :mod:`tinyunet.prepare`.
@@ -473,14 +474,15 @@ def finish(model, prep: Prepared, config: TrainConfig, run: Path, history: list[
     records what predict.py then applies: ``best_threshold``, ``min_area`` (0: no rule) and ``tta``.
     A cosine run with two or more snapshots also gets ``ensemble.npz``: every snapshot, their mean
     probability tuned the same way (:mod:`tinyunet.ensemble`).
-    Returns ``(best epoch, its val_loss, best threshold, validation score at it)``.
+    Returns ``(best epoch, its val_loss, best threshold, validation score at it, the collapse warning or None)``.
     """
     def predict_val(ckpt):  # (M, H, W) on the validation truth's canvas
         model.load_params(ckpt.params, ckpt.buffers)
         return canvas(probabilities(model, prep.val_images, config.fit, config.input_size, batch_size=EVAL_BATCH,
                                     tta=config.tta))
 
-    snapshots = sorted(run.glob("snapshot[0-9][0-9].npz")) if config.schedule == "cosine" else []
+    cycles = len(history) // config.cycle if config.schedule == "cosine" else 0
+    snapshots = [run / snapshot_name(k) for k in range(1, cycles + 1) if (run / snapshot_name(k)).is_file()]
     if len(snapshots) >= 2:
         members = [load_checkpoint(path) for path in snapshots]
         mean = predict_val(members[0])

@@ -112,11 +112,9 @@ class UNet(Block):
     def load_params(self, params, buffers=None) -> None:
         """Copy values into the model's arrays (names and shapes must match exactly); ``buffers``
         likewise for the state that is not trained (BatchNorm's moving statistics)."""
-        for what, own, given in (("parameter", self.params, params), ("buffer", self.buffers, buffers)):
-            if given is None and what == "buffer":
-                if own:
-                    raise ValueError("this model has buffers (BatchNorm statistics) but none were given")
-                continue
+        if buffers is None and self.buffers:
+            raise ValueError("this model has buffers (BatchNorm statistics) but none were given")
+        for what, own, given in (("parameter", self.params, params), ("buffer", self.buffers, buffers or {})):
             if list(given) != list(own):
                 raise ValueError(f"{what} names differ from this model's")
             for name, value in given.items():
