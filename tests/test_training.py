@@ -17,6 +17,7 @@ import pytest
 from tinyunet import training
 from tinyunet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from tinyunet.data import DataError
+from tinyunet.ensemble import save_ensemble
 from tinyunet.layers import sigmoid
 from tinyunet.losses import binary_crossentropy, lovasz_hinge
 from tinyunet.synth import generate
@@ -396,13 +397,15 @@ def test_bad_block_loss_monitor_or_flip_mode(tmp_path, settings, flag):
 
 # --- schedules, snapshots and their ensemble; TTA and the empty-mask rule -------------------------
 
-def test_cosine_restarts_save_snapshots_and_their_tuned_ensemble(tiny_data, tmp_path):
+def test_cosine_restarts_save_snapshots_and_their_tuned_ensemble(tiny_data, tmp_path, capsys):
     from tinyunet.callbacks import CosineAnnealing
     from tinyunet.ensemble import Ensemble
     from tinyunet.models import load_model
 
     run = train(tiny(tiny_data, tmp_path / "cos", epochs=4, schedule="cosine", cycle=2, lr=1e-2, min_lr=1e-4,
                      patience=10, tta=True, empty_rule=True))
+    out = capsys.readouterr().out
+    assert "lr cosine from 0.01 to 0.0001 every 2 epochs" in out and "without improvement" not in out
     history = read_history(run)
     schedule = CosineAnnealing(None, 1e-2, 2, 1e-4)
     assert [float(row["lr"]) for row in history] == [schedule.lr_at(e) for e in range(4)]
@@ -522,3 +525,58 @@ def test_folds_train_one_run_each_and_tune_on_out_of_fold_predictions(tiny_data,
     mtime = (root / "fold1" / "best.npz").stat().st_mtime_ns
     train_folds(tiny(tiny_data, tmp_path / "cv", folds=3, epochs=1))
     assert (root / "fold1" / "best.npz").stat().st_mtime_ns == mtime
+
+
+# --------------------------------------------------------------------------------------------
+# Fine-tuning: --init
+# --------------------------------------------------------------------------------------------
+
+def test_init_starts_from_the_checkpoint_with_a_fresh_optimizer_and_its_own_settings(tiny_data, tmp_path,
+                                                                                     monkeypatch):
+    first = train(tiny(tiny_data, tmp_path / "first", epochs=1, block="residual", fit="pad", features=3))
+    start = load_checkpoint(first / "best.npz")
+    seen = {}
+    real_epoch = training.train_epoch
+
+    def spy(net, optimizer, *args):
+        if not seen:  # the weights the first step of the fine-tune starts from
+            seen.update({name: a.copy() for name, a in {**net.model.params, **net.model.buffers}.items()})
+        return real_epoch(net, optimizer, *args)
+
+    monkeypatch.setattr(training, "train_epoch", spy)
+    config = build_config({"data": str(tiny_data), "out": str(tmp_path / "tuned"), "init": str(first / "best.npz"),
+                           "epochs": 2, "loss": "lovasz", "progress": False, "plots": False})
+    assert (config.features, config.depth, config.block, config.fit) == (3, 2, "residual", "pad")  # the file's
+    tuned = train(config)
+    assert list(seen) == [*start.params, *start.buffers]
+    for name, value in {**start.params, **start.buffers}.items():
+        np.testing.assert_array_equal(seen[name], value, err_msg=name)
+    last = load_checkpoint(tuned / "last.npz")
+    assert [row["epoch"] for row in read_history(tuned)] == ["1", "2"]  # epochs count from 1 again
+    steps_per_epoch = load_checkpoint(first / "last.npz").optimizer_state["t"]  # its one epoch
+    assert last.optimizer_state["t"] == 2 * steps_per_epoch  # Adam's moments start afresh
+    assert last.meta["args"]["init"] == str(first / "best.npz")
+    resumed = train(build_config({"resume": str(tuned), "epochs": 3}))  # a fine-tune resumes like any run
+    assert len(read_history(resumed)) == 3
+
+
+def test_init_refuses_what_it_cannot_start_from(tiny_data, tmp_path, capsys):
+    first = train(tiny(tiny_data, tmp_path / "first", epochs=1))
+    best = str(first / "best.npz")
+    with pytest.raises(CheckpointError, match="does not fit this model.*features"):
+        train(tiny(tiny_data, tmp_path / "wider", init=best, features=4))
+    assert not (tmp_path / "wider").exists()
+    with pytest.raises(ConfigError, match="--init and --resume"):
+        build_config({"resume": str(first), "init": best})
+    member = load_checkpoint(best)
+    ensemble = save_ensemble(tmp_path / "ensemble.npz", [member, member], {"fit": "resize", "input_size": 32})
+    with pytest.raises(CheckpointError, match="ensemble of 2 models; give --init one model"):
+        build_config({"data": str(tiny_data), "init": str(ensemble)})
+    with pytest.raises(CheckpointError):
+        build_config({"data": str(tiny_data), "init": str(tmp_path / "missing.npz")})
+    capsys.readouterr()
+    train(tiny(tiny_data, tmp_path / "moved", init=best, epochs=1, seed=1))
+    out = capsys.readouterr().out
+    assert "another split (--seed 0)" in out and "optimistic" in out
+    train(tiny(tiny_data, tmp_path / "same", init=best, epochs=1))
+    assert "optimistic" not in capsys.readouterr().out

@@ -180,6 +180,10 @@ def parse_train_args(argv: list[str] | None = None) -> tuple[dict, bool]:
                         "gets a 'latest' file naming it")
     parser.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN from its last.npz, "
                         "exactly where it stopped (its settings are reused; --epochs may raise the total)")
+    parser.add_argument("--init", metavar="MODEL", help="start from the weights and BatchNorm statistics of "
+                        "this checkpoint (a best.npz) instead of random ones, with a fresh optimizer, schedule and "
+                        "epoch count: fine-tuning, e.g. with another loss or schedule; the model flags must "
+                        "describe its network (default: random weights)")
     parser.add_argument("--fit", choices=FITS, help=f"how images meet the network: 'resize' to --input-size "
                         f"or reflect-'pad' to a multiple of 2**depth {_default('fit')}")
     parser.add_argument("--input-size", type=int, help=f"network input side for --fit resize, a multiple of "

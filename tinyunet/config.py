@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from tinyunet.blocks import BLOCKS
-from tinyunet.checkpoint import CheckpointError
+from tinyunet.checkpoint import CheckpointError, load_checkpoint
 from tinyunet.losses import LOSSES
 from tinyunet.pipeline import FITS, MAX_INPUT_SIZE
 from tinyunet.runs import open_resume
@@ -55,6 +55,7 @@ class TrainConfig:
     seed: int = 0  # weights, split, shuffles, dropout: all drawn from it
     out: str | None = None  # run folder; None: runs/<YYYYmmdd-HHMMSS>
     resume: str | None = None  # a run folder (or its last.npz) to continue
+    init: str | None = None  # a checkpoint whose weights and BatchNorm statistics start the run (fine-tuning)
     fit: str = "resize"  # how images meet the network: "resize" to input_size, or reflect-"pad"
     input_size: int = 128  # network input side with fit="resize"; a multiple of 2**depth
     patience: int = 7  # EarlyStopping on the monitored value
@@ -142,10 +143,15 @@ def build_config(given: Mapping[str, Any] | None = None) -> TrainConfig:
         raise ConfigError(f"unknown setting(s) {', '.join(sorted(unknown))}")
     if "dropout" in given:
         given["dropout"] = tuple(given["dropout"])
+    if given.get("resume") and given.get("init"):
+        raise ConfigError("--init and --resume both give the starting weights: a resumed run continues from its "
+                          "own last.npz; drop --init")
     if given.get("resume"):
         _, checkpoint = open_resume(given["resume"])
         saved = config_from_args(checkpoint.meta.get("args"), checkpoint.path)
         return replace(saved, **{"out": None, **given})  # the run continues in its own folder
+    if given.get("init"):  # fine-tuning: the network is the checkpoint's
+        given = {**init_settings(given["init"]), **given}
     if given.get("preset") == "best":  # the named recipe, on whatever data
         return replace(TrainConfig(), **{**BEST, **given})
     if given.get("data") is None:
@@ -155,6 +161,29 @@ def build_config(given: Mapping[str, Any] | None = None) -> TrainConfig:
         else:
             return replace(TrainConfig(), **{**QUICK, "preset": "quick", **given})
     return replace(TrainConfig(), **given)
+
+
+# What --init takes from its checkpoint unless given: the network and how images meet it.
+INIT_SETTINGS = ("features", "depth", "dropout", "block", "fit", "input_size")
+
+
+def init_settings(path: str) -> dict[str, Any]:
+    """The settings of :data:`INIT_SETTINGS` that the checkpoint at ``path`` was trained with (its
+    ``meta["args"]``, else ``meta["model"]``), so ``--init FILE`` alone builds FILE's network;
+    CheckpointError (one line) when the file is not a readable single-model checkpoint."""
+    checkpoint = load_checkpoint(path)
+    if checkpoint.meta.get("members") is not None:
+        raise CheckpointError(f"{checkpoint.path} is an ensemble of {len(checkpoint.meta['members'])} models; "
+                              "give --init one model, e.g. a run's best.npz")
+    args = checkpoint.meta.get("args")
+    saved = {**(checkpoint.meta.get("model") or {}), **{k: checkpoint.meta[k] for k in ("fit", "input_size")
+                                                          if k in checkpoint.meta}}
+    if isinstance(args, dict):
+        saved = {**saved, **args}
+    settings = {key: saved[key] for key in INIT_SETTINGS if saved.get(key) is not None}
+    if isinstance(settings.get("dropout"), list):
+        settings["dropout"] = tuple(settings["dropout"])
+    return settings
 
 
 def config_from_args(args: Any, where: Path) -> TrainConfig:

@@ -247,6 +247,8 @@ def _setup(config: TrainConfig, run: Path, resume_from):
                             "or start a new run")
     model = UNet(features=config.features, depth=config.depth, dropout=dropout_rates(config), block=config.block,
                  in_channels=prep.channels, seed=config.seed, dtype=np.float32, gpu=config.gpu)  # channels: the data's
+    if config.init is not None and resume_from is None:
+        _start_from(model, config, prep)
     optimizer = Adam(model.params, lr=config.lr)
     history: list[dict] = []
     if resume_from is not None:
@@ -260,6 +262,27 @@ def _setup(config: TrainConfig, run: Path, resume_from):
             optimizer.lr = config.lr
         history = list(resume_from.meta.get("history", []))
     return model, optimizer, history, prep, config
+
+
+SPLIT_SETTINGS = ("seed", "val_split", "folds", "fold", "limit")  # what decides which images are validation
+
+
+def _start_from(model: UNet, config: TrainConfig, prep: Prepared) -> None:
+    """Load ``config.init``'s weights and BatchNorm statistics into ``model`` (fine-tuning); CheckpointError
+    unless they fit it. A note when that model learnt from this data under another split: some of
+    today's validation images were its training images, so the validation score flatters."""
+    checkpoint = load_checkpoint(config.init)
+    load_into(model, checkpoint)
+    saved_args = checkpoint.meta.get("args") if isinstance(checkpoint.meta.get("args"), dict) else {}
+    if checkpoint.meta.get("data", {}).get("fingerprint") == prep.fingerprint:
+        moved = [name for name in SPLIT_SETTINGS if saved_args.get(name, getattr(TrainConfig(), name))
+                 != getattr(config, name)]
+        if moved:
+            say(f"note: --init {config.init} was trained on this data with another split "
+                f"({', '.join(f'{flag(name)} {saved_args.get(name)}' for name in moved)}): some validation "
+                "images were its training images, so the validation score is optimistic")
+    say(f"weights: from {checkpoint.path} (epoch {checkpoint.meta.get('epoch', '?')}), fine-tuned with a "
+        "fresh optimizer")
 
 
 def _describe(config: TrainConfig, run: Path, net: DataParallel, prep: Prepared,
@@ -286,11 +309,13 @@ def _describe(config: TrainConfig, run: Path, net: DataParallel, prep: Prepared,
         say("settings: QUICK defaults for the built-in synthetic set (" + ", ".join(kept) + ")"
              + (f", overridden by flags: {', '.join(changed)}" if changed else "; flags override them")
              + "; with --data the seed recipe's defaults apply")
-    lr_note = f" (reduced on plateau from {config.lr:g})" if lr != config.lr else ""  # only on a resume
+    lr_note = "" if lr == config.lr or config.schedule == "cosine" else f" (reduced on plateau from {config.lr:g})"
     losses = config.loss + (f" (epochs 1-{config.loss2_epoch - 1}), then {config.loss2}" if config.loss2 else "")
+    schedule = (f"lr cosine from {config.lr:g} to {config.min_lr:g} every {config.cycle} epochs, a snapshot at "
+                "each cycle's end" if config.schedule == "cosine" else
+                f"lr x{config.lr_factor} after {config.lr_patience} epochs without improvement (min {config.min_lr})")
     say(f"training: epochs={config.epochs} batch_size={config.batch_size} lr={lr:g}{lr_note}; loss {losses}; "
-         f"early stopping patience {config.patience} on {config.monitor}; lr x{config.lr_factor} after "
-         f"{config.lr_patience} epochs without improvement (min {config.min_lr})")
+         f"early stopping patience {config.patience} on {config.monitor}; {schedule}")
 
 
 def train(config: TrainConfig) -> Path:
