@@ -519,3 +519,27 @@ class Add:
     def flops(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> int:
         """0: one addition per value, no multiply-adds."""
         return 0
+
+
+class Identity:
+    """out = x;  dx = dout: the place of a layer whose work another took over (a BatchNormalization
+    folded into the convolution before it, :mod:`tinyunet.fold`)."""
+
+    def __init__(self):
+        self.params, self.grads, self.buffers = {}, {}, {}
+
+    def forward(self, x, train: bool = False):
+        return x
+
+    def backward(self, dout):
+        return dout
+
+    # --- study mode: shape and cost from the input shape alone (UNet.summary, tinyunet.inspect) ---
+
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape is kept."""
+        return tuple(input_shape)
+
+    def flops(self, input_shape: tuple[int, ...]) -> int:
+        """0: nothing is computed."""
+        return 0

@@ -4,7 +4,8 @@
     result = predict("runs/x/best.npz", data="tgs-salt-identification-challenge.zip")  # -> Prediction
 
 Steps: load the checkpoint (:func:`tinyunet.models.load_model`; its metadata says how to build the
-model and fit images to it), read the test images (Kaggle's layout, a folder or the competition zip;
+model and fit images to it; each BatchNorm is folded into the conv before it, :mod:`tinyunet.fold`),
+read the test images (Kaggle's layout, a folder or the competition zip;
 any image size; :data:`CHUNK` at a time, each chunk predicted and written before the next is read,
 so memory is bounded by the chunk), predict the salt probability in batches (NumPy, or CuPy with
 ``gpu``), bring it back to each image's size, threshold it (the checkpoint's best threshold unless
@@ -43,6 +44,7 @@ from tinyunet.ensemble import Ensemble
 from tinyunet.evaluation import Report, evaluate as score_report
 from tinyunet.files import atomic_write, make_writable_folder
 from tinyunet.metrics import drop_small
+from tinyunet.fold import fold_batchnorm
 from tinyunet.models import load_model
 from tinyunet.parallel import DataParallel
 from tinyunet.pipeline import TILE, binarize, probabilities
@@ -292,6 +294,8 @@ def predict(
     # --- the model ---------------------------------------------------------------------------------
     model_path = Path(model) if model is not None else latest_model()
     unet, ckpt = load_model(model_path, gpu=gpu)
+    for member in unet.members if isinstance(unet, Ensemble) else [unet]:
+        fold_batchnorm(member)  # inference only: each BatchNorm into the conv before it (tinyunet.fold)
     if isinstance(unet, Ensemble):  # every batch split between the CPU's threads, member by member
         net = Ensemble([DataParallel(member, threads) for member in unet.members])
     else:

@@ -28,6 +28,7 @@ import numpy as np
 
 from tinyunet.backend import as_array, get_backend, map_batches
 from tinyunet.blocks import BLOCKS, Block, DecoderBlock, EncoderBlock, conv_unit
+from tinyunet.fold import fold_batchnorm
 from tinyunet.layers import BatchNormalization, Conv2D, Dropout, sigmoid
 from tinyunet.layers import Sigmoid  # study mode: the summary's last row
 
@@ -71,6 +72,7 @@ class UNet(Block):
             self.config["block"] = block
         self.xp = xp = get_backend(gpu)
         self.dtype = np.dtype(dtype)
+        self.folded = False  # BatchNorm folded into the convs (tinyunet.fold): for inference only
         self.depth = depth
         rng = np.random.default_rng(seed)  # initial weights: drawn on the host, same on any device
         widths = [features * 2 ** level for level in range(depth + 1)]  # e.g. 8, 16, 32, 64, 128
@@ -128,6 +130,8 @@ class UNet(Block):
         Its BatchNorm layers normalise with their own shard's statistics but leave the moving
         statistics to this model (shard 0), as PyTorch's DataParallel keeps device 0's."""
         twin = UNet(**self.config, dtype=self.dtype, gpu=self.xp is not np)
+        if self.folded:  # the same layers as this one, before they share its arrays
+            fold_batchnorm(twin)
         for (_, mine), (_, its) in zip(self.named_layers(), twin.named_layers()):
             its.params, its.buffers = mine.params, mine.buffers
             if isinstance(its, BatchNormalization):
