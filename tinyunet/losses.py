@@ -70,6 +70,14 @@ def lovasz_hinge(logits, target, per_image: bool = True, variant: str = "relu"):
     sort over every pixel of the batch. The sort is piecewise constant, so away from ties the
     gradient is the weights times f'(e) times de/dlogit = -s.
     """
+    errors, truth, order = _sorted_errors(logits, target, per_image, variant)
+    loss, drows = _hinge_of_sorted(errors, truth, order, variant)
+    return loss, drows.reshape(logits.shape)
+
+
+def _sorted_errors(logits, target, per_image: bool, variant: str):
+    """The rows of hinge errors e = 1 - logit * (2*target - 1), (N, P) per image or (1, N*P), their
+    truth (0/1) and each row's order of descending errors."""
     xp = get_array_module(logits)
     if logits.shape != target.shape:
         raise ValueError(f"logits {logits.shape} and target {target.shape} must have the same shape")
@@ -77,33 +85,40 @@ def lovasz_hinge(logits, target, per_image: bool = True, variant: str = "relu"):
         raise ValueError(f"lovasz_hinge variant must be 'relu' or 'elu', got {variant!r}")
     rows = logits.reshape(len(logits), -1) if per_image else logits.reshape(1, -1)  # (N, P) or (1, N*P)
     truth = target.reshape(rows.shape).astype(logits.dtype, copy=False)
-    signs = 2 * truth - 1
-    errors = 1 - rows * signs
-    order = xp.argsort(-errors, axis=1)  # descending errors, image by image
+    errors = 1 - rows * (2 * truth - 1)
+    return errors, truth, xp.argsort(-errors, axis=1)  # descending errors, image by image
+
+
+def _hinge_of_sorted(errors, truth, order, variant: str):
+    """The Lovász hinge (the mean over rows) of ``errors`` (N, P) in ``order``, and its gradient with
+    respect to the rows' logits (N, P)."""
+    xp = get_array_module(errors)
     errors_sorted = xp.take_along_axis(errors, order, axis=1)
     weights = lovasz_grad(xp.take_along_axis(truth, order, axis=1))  # (N, P)
     if variant == "relu":
-        f, df = xp.maximum(errors_sorted, 0), (errors_sorted > 0).astype(logits.dtype)
+        f, df = xp.maximum(errors_sorted, 0), (errors_sorted > 0).astype(errors.dtype)
     else:  # elu(e) + 1 = e + 1 for e > 0, exp(e) otherwise
         exp = xp.exp(xp.minimum(errors_sorted, 0))
         f, df = xp.where(errors_sorted > 0, errors_sorted + 1, exp), xp.where(errors_sorted > 0, 1, exp)
-    one = logits.dtype.type(1)
-    scale = one / logits.dtype.type(len(rows))  # the mean over images
+    scale = errors.dtype.type(1) / errors.dtype.type(len(errors))  # the mean over images
     loss = (f * weights).sum() * scale
     d_sorted = df * weights * scale  # dL / d e_sorted
     d_errors = xp.empty_like(d_sorted)
     xp.put_along_axis(d_errors, order, d_sorted, axis=1)
-    dlogits = (-signs * d_errors).reshape(logits.shape)
-    return loss, dlogits
+    return loss, -(2 * truth - 1) * d_errors  # de/dlogit = -s
 
 
 def symmetric_lovasz(logits, target, variant: str = "relu"):
     """(Lovász hinge of the salt + Lovász hinge of the background) / 2, per image: the second term
-    scores the inverted mask with negated logits, so empty images are judged on their background."""
-    salt, dsalt = lovasz_hinge(logits, target, variant=variant)
-    background, dbackground = lovasz_hinge(-logits, 1 - target, variant=variant)
+    scores the inverted mask with negated logits, so empty images are judged on their background.
+
+    Negating both the logits and the signs leaves every error 1 - logit * s as it is, so one sort
+    serves both terms; the background's gradient, taken for the negated logits, changes sign."""
+    errors, truth, order = _sorted_errors(logits, target, True, variant)
+    salt, dsalt = _hinge_of_sorted(errors, truth, order, variant)
+    background, dbackground = _hinge_of_sorted(errors, 1 - truth, order, variant)
     half = logits.dtype.type(0.5)
-    return (salt + background) * half, (dsalt - dbackground) * half
+    return (salt + background) * half, ((dsalt - dbackground) * half).reshape(logits.shape)
 
 
 def bce_lovasz(logits, target):
