@@ -9,6 +9,9 @@ or as the competition's download, ``tgs-salt-identification-challenge.zip``, whi
 (``images/``, ``masks/``), ``test.zip`` (``images/``) and the CSVs. :func:`load_train` and
 :func:`load_test` read either form, and a zip of the folder layout, straight from the zip in memory.
 
+An image file is anything Pillow reads (gray or RGB; alpha is transparency and dropped) or a NumPy ``.npy``
+array (H, W) or (H, W, C) of any channel count up to :data:`MAX_CHANNELS`, read without unpickling.
+
 The array work after reading (resize, pad and crop, flips, batches) is :mod:`tinyunet.transforms`.
 
 Notation: N images, H x W pixels.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import math
 import os
 import stat
 import struct
@@ -27,12 +31,13 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
 
 from tinyunet.backend import as_numpy, get_array_module
-from tinyunet.transforms import as_stack, luma
+from tinyunet.transforms import MAX_CHANNELS, as_stack, luma
 
 LAYOUT_HINT = (
     "expected Kaggle's layout (train/images/<id>.png, train/masks/<id>.png, train.csv, "
@@ -44,7 +49,8 @@ MAX_FILE_BYTES = 256 * 2**20  # one file on disk or in a zip (its declared size)
 MAX_PIXELS = 2**25  # one image: 33.5 Mpx (5792 x 5792), far below Pillow's 179 Mpx
 MAX_CSV_FIELD = 2**26  # one CSV field (a run-length string): a noisy mask of 10 Mpx fits; csv's default 128 kB does not
 csv.field_size_limit(max(csv.field_size_limit(), MAX_CSV_FIELD))
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")  # what Pillow reads for us; any case
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".npy")  # Pillow's formats, NumPy's; any case
+NPY_MAGIC = b"\x93NUMPY"  # the first bytes of every file numpy.save writes
 
 # What PIL raises on a corrupt or truncated PNG (it has no single exception type for it).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error,
@@ -53,6 +59,11 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib
 # The largest value of each PNG mode PIL can return, by which pixels are scaled to [0, 1].
 _FULL_SCALE = {"1": 1, "L": 255, "LA": 255, "P": 255, "PA": 255, "RGB": 255, "RGBA": 255,
                "I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I": 65535}
+
+
+# The largest value of each .npy dtype tinyunet reads, keyed by (kind, itemsize) so either byte order fits:
+# integers are scaled by their full range as PNGs are, floats must already lie in [0, 1].
+_NPY_FULL_SCALE = {("b", 1): 1, ("u", 1): 255, ("u", 2): 65535, ("f", 2): 1, ("f", 4): 1, ("f", 8): 1}
 
 
 class DataError(ValueError):
@@ -85,40 +96,116 @@ def check_finite(array, what: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# PNG files -> arrays
+# Image files -> arrays
 # --------------------------------------------------------------------------------------------
+
+class _Decoded(NamedTuple):
+    """An image file's values before scaling, and how it was read."""
+
+    raw: np.ndarray  # (H, W) or (H, W, C) float32 in 0..full
+    full: int  # the full-scale value: 1, 255 or 65535
+    how: str  # how it was read, for messages: "PIL mode 'L'", "a uint16 .npy array"
+    name: str  # the file, in messages
+    npy: bool  # an .npy array: its channels are data, never merged or converted
+
 
 def _undecodable(name: str, err: Exception) -> DataError:
     return DataError(f"cannot decode {name} ({err}): the file is corrupt or truncated; re-download it or remove it")
 
 
-def _decode(source: str | Path | bytes, name: str | None) -> tuple[np.ndarray, int, str, str]:
-    """Decode an image file (PNG, JPEG, TIFF, BMP: whatever Pillow reads) to raw values.
+def _check_pixels(name: str, h: int, w: int) -> None:
+    """DataError when an image of H x W, known from its header, is larger than :data:`MAX_PIXELS`."""
+    if h * w > MAX_PIXELS:
+        raise DataError(f"{name} is {w}x{h} pixels, more than tinyunet reads ({MAX_PIXELS:,} px): "
+                        "cut it into smaller images")
 
-    Returns ``(raw, full_scale, mode, name)``: raw (H, W) float32 in 0..full_scale for gray (also gray
-    stored as RGB, like the TGS images: exact), (H, W, 3) for colour (alpha dropped), the PIL mode it was
-    read as and the name to use in messages.
-    """
-    if isinstance(source, bytes):
-        data, name = source, name or "<bytes>"
-    else:
-        name = name or str(source)
-        data = read_regular_file(Path(source), name)
+
+def _is_npy(data: bytes, name: str) -> bool:
+    """An .npy file, by its first bytes (numpy.save's magic string) or its name."""
+    return data.startswith(NPY_MAGIC) or name.lower().endswith(".npy")
+
+
+def _npy_header(data: bytes, name: str) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype of an .npy file's bytes, from its header alone (no array is made), checked: (H, W)
+    or (H, W, C) with 1 <= C <= :data:`MAX_CHANNELS`, H * W <= :data:`MAX_PIXELS`, a dtype tinyunet scales
+    and the data bytes the header declares. DataError (one line) otherwise, and for a pickle."""
+    if data[:1] == b"\x80":  # pickle protocol 2 and later start with PROTO: not numpy.save's output
+        raise DataError(f"{name} is a Python pickle, not an .npy array: tinyunet never unpickles data (a pickle "
+                        "can run code); save the array with numpy.save")
+    fp = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(fp)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)  # 2.0 and 3.0: a 4-byte header length
+        shape, _, dtype = read_header(fp)  # (shape, fortran_order, dtype)
+    except (ValueError, TypeError, SyntaxError) as err:
+        raise DataError(f"cannot read {name} as an .npy array ({err}): the file is corrupt or was not written "
+                        "by numpy.save") from None
+    if dtype.hasobject:
+        raise DataError(f"{name} holds Python objects (dtype {dtype}), which load only by unpickling, and "
+                        "tinyunet never unpickles data: save a numeric array (uint8, uint16 or float32)")
+    if (dtype.kind, dtype.itemsize) not in _NPY_FULL_SCALE:
+        raise DataError(f"{name} has dtype {dtype}, which tinyunet does not read: save bool, uint8 or uint16 "
+                        "(scaled by 1, 255 or 65535) or float16/32/64 values in [0, 1]")
+    if len(shape) not in (2, 3) or (len(shape) == 3 and not 1 <= shape[2] <= MAX_CHANNELS):
+        raise DataError(f"{name} has shape {shape}: an .npy image is (H, W) or (H, W, C) with 1 to {MAX_CHANNELS} "
+                        "channels, channels last (for a (C, H, W) array a, save np.moveaxis(a, 0, -1))")
+    h, w = shape[:2]
+    if h * w == 0:
+        raise DataError(f"{name} has shape {shape}, no pixels: remove it from the data")
+    _check_pixels(name, h, w)
+    have, declared = len(data) - fp.tell(), math.prod(shape) * dtype.itemsize  # data bytes after the header
+    if have < declared:
+        raise DataError(f"{name} holds {have:,} bytes of data where its header declares {declared:,}: the file "
+                        "is truncated; re-download it or remove it")
+    return shape, dtype
+
+
+def _check_unit_range(array: np.ndarray, name: str) -> None:
+    """DataError unless a float image holds finite values in [0, 1] (floats are taken as already scaled)."""
+    bad = int((~np.isfinite(array)).sum())
+    if bad:
+        raise DataError(f"{name} holds {bad} NaN or infinite values: replace them (e.g. np.nan_to_num) and scale "
+                        "the values to [0, 1]")
+    low, high = float(array.min()), float(array.max())
+    if low < 0 or high > 1:
+        raise DataError(f"{name} holds float values in [{low:g}, {high:g}], outside [0, 1], and tinyunet takes "
+                        "float images as already scaled: scale them to [0, 1] (e.g. (a - a.min()) / "
+                        "(a.max() - a.min())) or save integers (uint8, uint16)")
+
+
+def _decode_npy(data: bytes, name: str) -> _Decoded:
+    """An .npy image's values: (H, W) for an (H, W) or (H, W, 1) array, else (H, W, C); its header is checked
+    before the array is made, and a float array must hold finite values in [0, 1]."""
+    shape, dtype = _npy_header(data, name)
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)  # (H, W) or (H, W, C)
+    except (ValueError, OSError, EOFError) as err:
+        raise _undecodable(name, err) from None
+    if dtype.kind == "f":
+        _check_unit_range(array, name)
+    raw = array.astype(np.float32)
+    raw = raw[..., 0] if raw.ndim == 3 and raw.shape[2] == 1 else raw  # one channel: gray (H, W)
+    return _Decoded(raw, _NPY_FULL_SCALE[dtype.kind, dtype.itemsize], f"a {dtype.name} .npy array", name, True)
+
+
+def _decode_pil(data: bytes, name: str) -> _Decoded:
+    """An image Pillow reads (PNG, JPEG, TIFF, BMP): (H, W) for gray, also gray stored as RGB (equal channels,
+    like the TGS images: exact), else (H, W, 3). Alpha (RGBA, LA, PA) is transparency, not data, and dropped:
+    an image of 4 channels, or of any count but 1 and 3, is read from an .npy file."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS decides, below
             img = Image.open(io.BytesIO(data))
         with img:
-            if img.width * img.height > MAX_PIXELS:  # from the header: nothing decoded yet
-                raise DataError(f"{name} is {img.width}x{img.height} pixels, more than tinyunet reads "
-                                f"({MAX_PIXELS:,} px): cut it into smaller images")
+            _check_pixels(name, img.height, img.width)  # from the header: nothing decoded yet
             img.load()
             mode = img.mode
             if mode in ("CMYK", "YCbCr", "LAB", "HSV"):  # colour in another space: as RGB
                 img, mode = img.convert("RGB"), "RGB"
             if mode not in _FULL_SCALE:
-                raise DataError(f"{name} has PIL mode {mode!r}, which tinyunet does not read: "
-                                "save it as an 8- or 16-bit grayscale PNG or as an RGB image")
+                raise DataError(f"{name} has PIL mode {mode!r}, which tinyunet does not read: save it as an 8- or "
+                                "16-bit grayscale PNG, an RGB image or an .npy array")
             if mode in ("P", "PA"):  # palette indices mean nothing: look the colours up
                 img = img.convert("RGBA" if mode == "PA" else "RGB")
             pixels = np.asarray(img)  # (H, W) or (H, W, bands)
@@ -138,11 +225,24 @@ def _decode(source: str | Path | bytes, name: str | None) -> tuple[np.ndarray, i
     if raw.size and (raw.min() < 0 or raw.max() > full):
         raise DataError(f"{name} (PIL mode {mode!r}) holds values outside 0..{full}: "
                         "save it as an 8- or 16-bit grayscale PNG")
-    return raw, full, mode, name
+    return _Decoded(raw, full, f"PIL mode {mode!r}", name, False)
+
+
+def _decode(source: str | Path | bytes, name: str | None) -> _Decoded:
+    """Decode an image file (a path or its bytes) to raw values: an .npy array (:func:`_decode_npy`), else
+    whatever Pillow reads (:func:`_decode_pil`). ``name`` names it in messages (default: the path)."""
+    if isinstance(source, bytes):
+        data, name = source, name or "<bytes>"
+    else:
+        name = name or str(source)
+        data = read_regular_file(Path(source), name)
+    return _decode_npy(data, name) if _is_npy(data, name) else _decode_pil(data, name)
 
 
 def image_size(data: bytes, name: str) -> tuple[int, int]:
-    """(H, W) of an image file's bytes, read from its header (nothing decoded)."""
+    """(H, W) of an image file's bytes, read from its header (nothing decoded; an .npy header is checked)."""
+    if _is_npy(data, name):
+        return _npy_header(data, name)[0][:2]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -153,31 +253,38 @@ def image_size(data: bytes, name: str) -> tuple[int, int]:
 
 
 def read_image(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
-    """Read an image as float32 in [0, 1]: (H, W) when it is gray, (H, W, 3) when it has colour.
+    """Read an image as float32 in [0, 1]: (H, W) when it is gray, (H, W, 3) when it has colour, (H, W, C)
+    for an .npy array of C channels.
 
-    8-bit modes (L, P, RGB, RGBA, LA) are divided by 255, 16-bit ones (I;16, I) by 65535; alpha is
-    dropped. ``name`` names the file in error messages (default: the path).
+    Pillow's formats: 8-bit modes (L, P, RGB, RGBA, LA) are divided by 255, 16-bit ones (I;16, I) by 65535;
+    alpha is dropped (transparency, not data) and gray stored as RGB reads as gray. An .npy array keeps its
+    channels as they are: bool, uint8 and uint16 are divided by 1, 255 and 65535, floats must already lie in
+    [0, 1]. ``name`` names the file in error messages (default: the path).
     """
-    raw, full, _, _ = _decode(source, name)
-    return raw / np.float32(full)
+    decoded = _decode(source, name)
+    return decoded.raw / np.float32(decoded.full)
 
 
 def read_mask(source: str | Path | bytes, name: str | None = None,
               threshold: float | None = None) -> np.ndarray:
-    """Read a mask image as float32 (H, W) in {0, 1}; a colour mask counts by its luma.
+    """Read a mask image as float32 (H, W) in {0, 1}; a colour mask counts by its luma, an .npy mask is
+    (H, W) or (H, W, 1).
 
     Without ``threshold`` any value > 0 is foreground and a mask with more than two distinct values is
     a DataError that says how it was read; with it (in [0, 1)) a soft mask is binarised: foreground
     where the value, scaled to [0, 1], is above ``threshold``.
     """
-    raw, full, mode, name = _decode(source, name)
+    raw, full, how, name, npy = _decode(source, name)
+    if npy and raw.ndim == 3:
+        raise DataError(f"mask {name} has {raw.shape[2]} channels: an .npy mask is (H, W) or (H, W, 1), "
+                        "one value per pixel")
     raw = luma(raw) if raw.ndim == 3 else raw
     if threshold is not None:
         return (raw / np.float32(full) > np.float32(threshold)).astype(np.float32)
     values = np.unique(raw)
     if values.size > 2:
         shown = ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if values.size > 6 else "")
-        raise DataError(f"mask {name} is not binary: read as PIL mode {mode!r} (0..{full}) it holds "
+        raise DataError(f"mask {name} is not binary: read as {how} (0..{full}) it holds "
                         f"{values.size} distinct values ({shown}); a mask needs two values, "
                         "0 for background and anything > 0 for the foreground, or binarise it with "
                         "--mask-threshold (e.g. 0.5)")
@@ -403,14 +510,26 @@ def _image_files(tree, folder: str, suffix: str = "") -> dict[str, str]:
     return dict(sorted(files.items()))
 
 
+def _one_channel_count(arrays: list, names: list[str]) -> list:
+    """Images (H, W[, C]) of one channel count: gray ones beside RGB ones are repeated into the three channels
+    (H, W, 3); any other mix is a DataError naming two files that differ."""
+    counts = [1 if a.ndim == 2 else a.shape[2] for a in arrays]
+    if set(counts) == {1, 3}:
+        return [np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a for a in arrays]  # (H, W, 3)
+    if len(set(counts)) > 1:
+        odd = next(i for i, c in enumerate(counts) if c not in (1, 3))
+        other = next(i for i, c in enumerate(counts) if c != counts[odd])
+        raise DataError(f"{names[odd]} has {counts[odd]} channel(s) but {names[other]} has {counts[other]}: the "
+                        "images of a set need one channel count (only gray beside RGB converts)")
+    return arrays
+
+
 def _read_images(tree, folder: str, files: dict[str, str]):
-    """Read every image file: (N, H, W) float32 for gray, (N, H, W, 3) when any has colour (gray ones
-    repeated into the three channels), or a list of such (H, W[, 3]) arrays when sizes differ."""
-    arrays = [read_image(tree.read(_join(folder, name)), _join(_join(tree.label, folder), name))
-              for name in files.values()]
-    if any(a.ndim == 3 for a in arrays):
-        arrays = [a if a.ndim == 3 else np.repeat(a[..., None], 3, axis=2) for a in arrays]  # (H, W, 3)
-    return as_stack(arrays)
+    """Read every image file: (N, H, W) float32 for gray, (N, H, W, C) for C channels (gray ones beside RGB
+    ones repeated into its three), or a list of such (H, W[, C]) arrays when sizes differ."""
+    names = [_join(_join(tree.label, folder), name) for name in files.values()]
+    arrays = [read_image(tree.read(_join(folder, rel)), name) for rel, name in zip(files.values(), names)]
+    return as_stack(_one_channel_count(arrays, names))
 
 
 def _read_masks(tree, folder: str, files: dict[str, str], images, threshold: float | None):
@@ -581,13 +700,11 @@ class ImageFiles:
         return [image_size(*self._bytes(i)) for i in range(len(self.ids))]
 
     def read(self, indices) -> np.ndarray | list:
-        """The images at ``indices``: (n, H, W) gray, (n, H, W, C) when any has colour (gray ones repeated
-        into its channels), or a list when sizes differ."""
-        arrays = [read_image(*self._bytes(int(i))) for i in indices]
-        if any(a.ndim == 3 for a in arrays):
-            channels = {a.shape[2] for a in arrays if a.ndim == 3}
-            arrays = [a if a.ndim == 3 else np.repeat(a[..., None], max(channels), axis=2) for a in arrays]
-        return as_stack(arrays)
+        """The images at ``indices``: (n, H, W) gray, (n, H, W, C) for C channels (gray ones beside RGB
+        ones repeated into its three), or a list when sizes differ; DataError for any other mix of counts."""
+        indices = [int(i) for i in indices]
+        arrays = [read_image(*self._bytes(i)) for i in indices]
+        return as_stack(_one_channel_count(arrays, [self._files[i][2] for i in indices]))
 
     def close(self) -> None:
         for layout in self._layouts:

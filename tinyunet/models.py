@@ -18,6 +18,7 @@ import numpy as np
 from tinyunet.checkpoint import Checkpoint, CheckpointError, check_compatible, load_checkpoint
 from tinyunet.ensemble import Ensemble, split_members
 from tinyunet.pipeline import FITS, MAX_INPUT_SIZE
+from tinyunet.transforms import MAX_CHANNELS
 from tinyunet.unet import MAX_DEPTH, MAX_WIDTH, UNet
 
 _DAMAGED = "the file is damaged or was edited: use another checkpoint or train again"
@@ -41,9 +42,9 @@ def check_model_settings(config: dict, where) -> None:
         raise CheckpointError(f"{where} records features={features!r}, depth={depth!r}: expected whole numbers, "
                               f"depth 1..{MAX_DEPTH} and features * 2**depth at most {MAX_WIDTH}; {_DAMAGED}")
     in_channels, dropout = config.get("in_channels", 1), config.get("dropout")
-    if not (_whole(in_channels) and 1 <= in_channels <= 16):
+    if not (_whole(in_channels) and 1 <= in_channels <= MAX_CHANNELS):
         raise CheckpointError(f"{where} records in_channels={in_channels!r}, not a whole number of image channels "
-                              f"(1..16); {_DAMAGED}")
+                              f"(1..{MAX_CHANNELS}); {_DAMAGED}")
     if dropout is not None and not (isinstance(dropout, list) and len(dropout) == depth and all(
             isinstance(rate, (int, float)) and not isinstance(rate, bool) and 0 <= rate < 1 for rate in dropout)):
         raise CheckpointError(f"{where} records dropout={dropout!r}, not one rate in [0, 1) per level "

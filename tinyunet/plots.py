@@ -28,6 +28,7 @@ import numpy as np
 
 from tinyunet.backend import as_numpy
 from tinyunet.files import atomic_write
+from tinyunet.transforms import for_display
 
 N_CLASSES = 11  # coverage classes 0 (empty) .. 10 (more than 90 % salt)
 CLASS_LABELS = ["0\nempty"] + [f"{c}\n≤{10 * c}%" for c in range(1, N_CLASSES)]  # ticks of class axes
@@ -193,7 +194,8 @@ def prediction_grid(images, probs, masks_pred, out_png: str | os.PathLike, truth
     """Save a grid of ``n`` examples as columns and return the path.
 
     Rows: the input image, the true mask (when ``truths`` is given), the salt probability and the
-    predicted mask. All arrays are (N, H, W), NumPy or CuPy; colour images (N, H, W, 3). With ``truths`` the examples are spread
+    predicted mask. All arrays are (N, H, W), NumPy or CuPy; images may be (N, H, W, C): RGB is shown as it
+    is, any other channel count by its channels' mean. With ``truths`` the examples are spread
     over the true coverage (empty to full) and each predicted mask is titled with its competition
     score and IoU; without them they are spread over the predicted coverage. ``ids`` name the
     columns.
@@ -204,7 +206,7 @@ def prediction_grid(images, probs, masks_pred, out_png: str | os.PathLike, truth
     truths = None if truths is None else as_numpy(truths)
     shapes = {a.shape[:3] for a in (images, probs, masks_pred) + (() if truths is None else (truths,))}
     if len(shapes) != 1 or probs.ndim != 3 or images.ndim not in (3, 4):
-        raise ValueError(f"prediction_grid needs (N, H, W) arrays of one shape (images may be (N, H, W, 3)), "
+        raise ValueError(f"prediction_grid needs (N, H, W) arrays of one shape (images may be (N, H, W, C)), "
                          f"got {sorted(shapes)}")
     if len(images) == 0:
         raise ValueError("prediction_grid needs at least one image")
@@ -225,7 +227,8 @@ def prediction_grid(images, probs, masks_pred, out_png: str | os.PathLike, truth
     for col, i in enumerate(picks):
         for row, (label, array, cmap) in enumerate(rows):
             ax = axes[row, col]
-            shown_here = ax.imshow(array[i].astype(np.float32), cmap=cmap, vmin=0, vmax=1,
+            picture = for_display(array[i]) if label == "input" else array[i]  # (H, W) or (H, W, 3)
+            shown_here = ax.imshow(picture.astype(np.float32), cmap=cmap, vmin=0, vmax=1,
                                    interpolation="nearest")
             if label == "probability":
                 shown = shown_here

@@ -51,7 +51,7 @@ from tinyunet.pipeline import TILE, binarize, probabilities
 from tinyunet.rle import rle_encode
 from tinyunet.prepare import load_split
 from tinyunet.runs import RunError, latest_model, new_run_folder
-from tinyunet.transforms import as_stack, canvas, channels, take, to_channels
+from tinyunet.transforms import as_stack, canvas, channels, for_display, take, to_channels
 
 CHUNK = 512  # images read, predicted and written at a time: memory is bounded by this, not by the set
 
@@ -165,7 +165,8 @@ def write_overlays(folder: Path, ids: list[str], images, masks) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     for image_id, image, mask in zip(ids, images, masks):
-        rgb = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image[..., :3]  # (H, W, 3)
+        picture = for_display(image)  # (H, W) gray or (H, W, 3)
+        rgb = np.repeat(picture[..., None], 3, axis=2) if picture.ndim == 2 else picture  # (H, W, 3)
         inner = np.pad(mask, 1, mode="edge")
         inner = inner[:-2, 1:-1] & inner[2:, 1:-1] & inner[1:-1, :-2] & inner[1:-1, 2:] & mask
         pixels = (np.clip(rgb, 0, 1) * 255).astype(np.uint8)

@@ -16,6 +16,8 @@ import numpy as np
 
 from tinyunet.backend import get_array_module
 
+MAX_CHANNELS = 16  # the most image channels tinyunet takes: an .npy image's and a checkpoint's in_channels
+
 
 # --------------------------------------------------------------------------------------------
 # Resizing, padding, flips
@@ -111,6 +113,12 @@ def luma(images):
     return (images.astype(xp.float64) @ weights).astype(images.dtype)
 
 
+def for_display(image):
+    """One image (H, W) or (H, W, C) as a picture shows it: gray and RGB as they are, any other channel
+    count (an .npy image's bands) as the mean of its channels, (H, W)."""
+    return image if image.ndim == 2 or image.shape[2] == 3 else image.mean(axis=2)
+
+
 def as_stack(arrays: list):
     """One (N, H, W[, C]) array when every array has one shape, else the list itself (a set of mixed
     sizes: each image keeps its own)."""
@@ -161,8 +169,8 @@ def to_channels(images, count: int):
         return luma(images)
     if have == 1 and count == 3:
         return xp.repeat(images[..., None], 3, axis=3)
-    raise ValueError(f"the images have {have} channels and the model takes {count}: only gray <-> RGB "
-                     "converts; give images with the model's channels")
+    raise ValueError(f"the images have {have} channel(s) and the model takes {count}: only gray <-> RGB "
+                     f"converts; give images of {count} channel(s) (an .npy array holds any count)")
 
 
 # --------------------------------------------------------------------------------------------
