@@ -30,9 +30,9 @@ from tinyunet.models import load_model
 from tinyunet.parallel import DataParallel
 from tinyunet.pipeline import probabilities
 from tinyunet.config import TrainConfig, build_config, validate
-from tinyunet.prepare import prepare_data, resolve_data
+from tinyunet.prepare import load_split, resolve_data, split_indices
 from tinyunet.runs import new_run_folder
-from tinyunet.transforms import as_stack, canvas
+from tinyunet.transforms import as_stack, canvas, take
 from tinyunet.training import EVAL_BATCH, say, train, tune_postprocessing
 
 
@@ -59,20 +59,19 @@ def train_folds(config: TrainConfig) -> Path:
             train(replace(config, fold=k, out=str(folder)))
 
     # The out-of-fold probabilities: every image predicted by the one model that never trained on it.
-    path = resolve_data(config, say)
-    oof, truth, members, scores = {}, {}, [], []  # oof, truth: image index -> (H, W) at the image's own size
+    split = load_split(replace(config, fold=0), resolve_data(config, say))  # every image, read once
+    oof, members, scores = {}, [], []  # oof: image index -> (H, W) at the image's own size
     for k, folder in enumerate(folders):
         model, best = load_model(folder / "best.npz", gpu=config.gpu)
-        net = DataParallel(model, config.threads)
-        prep = prepare_data(replace(config, fold=k), path, model.xp, model.dtype)
-        probs = probabilities(net, prep.val_images, config.fit, config.input_size, batch_size=EVAL_BATCH,
-                              tta=config.tta)  # (M, H, W), or a list of (H, W) for mixed sizes
-        for i, p, t in zip(prep.val_idx, probs, as_numpy(prep.val_truth)):  # truth on a canvas: crop it
-            oof[int(i)], truth[int(i)] = as_numpy(p), t[:p.shape[0], :p.shape[1]]
+        _, val_idx = split_indices(replace(config, fold=k), split.coverage)
+        probs = probabilities(DataParallel(model, config.threads), take(split.images, val_idx), config.fit,
+                              config.input_size, batch_size=EVAL_BATCH, tta=config.tta)  # (M, H, W) or a list
+        oof.update((int(i), as_numpy(p)) for i, p in zip(val_idx, probs))
         members.append(best)
         scores.append(float(best.meta["val_score"]))
     order = sorted(oof)
-    oof, truth = (canvas(as_stack([part[i] for i in order])) for part in (oof, truth))  # (N, H, W)
+    oof = canvas(as_stack([oof[i] for i in order]))  # (N, H, W), every image once
+    truth = canvas(take(split.masks, order)) > 0.5
     min_area, threshold, score, _, _ = tune_postprocessing(truth, oof, config)
     shared = {key: value for key, value in members[0].meta.items() if key not in ("history", "callbacks", "model")}
     cv = {"folds": config.folds, "fold_scores": scores, "cv_score": score}

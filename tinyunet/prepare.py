@@ -61,6 +61,14 @@ class Split:
     coverage: np.ndarray = field(repr=False)  # (N,) of every image used
 
 
+def split_indices(config: TrainConfig, cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) indices of images with coverages ``cov``: the run's stratified split, or with
+    ``config.fold`` set that fold of the k-fold split."""
+    if config.fold is None:
+        return stratified_split(coverage_class(cov), config.val_split, config.seed)
+    return stratified_folds(coverage_class(cov), config.folds, config.seed)[config.fold]
+
+
 def load_split(config: TrainConfig, path: Path) -> Split:
     """Load and check the labelled images at ``path`` and split them as a run with ``config`` does."""
     def choose(n: int) -> np.ndarray:  # --limit: a subset chosen by the seed before any image is decoded
@@ -76,10 +84,7 @@ def load_split(config: TrainConfig, path: Path) -> Split:
         raise DataError(f"{path} holds {len(ids)} training image(s): training needs at least 2 "
                         "(one for training, one for validation)")
     cov = coverage(masks)
-    if config.fold is None:
-        train_idx, val_idx = stratified_split(coverage_class(cov), config.val_split, config.seed)
-    else:
-        train_idx, val_idx = stratified_folds(coverage_class(cov), config.folds, config.seed)[config.fold]
+    train_idx, val_idx = split_indices(config, cov)
     return Split(ids=ids, images=images, masks=masks, fingerprint=fingerprint(ids, images, masks),
                  train_idx=train_idx, val_idx=val_idx, coverage=cov)
 
