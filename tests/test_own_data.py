@@ -149,6 +149,23 @@ def test_tiles_cover_large_images_in_bounded_pieces():
     assert max(max(s[1:3]) for s in model.seen) <= 64 and max(s[0] for s in model.seen) <= 3
 
 
+def test_a_run_whose_model_predicts_one_class_everywhere_ends_with_the_warning(tmp_path, monkeypatch, capsys):
+    """The note reaches the end of train.py's report: finish() scores what the best model predicts (here,
+    a stand-in predicting 0.9 everywhere) and says so."""
+    from tinyunet import training
+
+    def everywhere(model, images, *args, **kwargs):  # (M, H, W), or a list for mixed sizes
+        return [np.full(image.shape[:2], 0.9, np.float32) for image in images] if isinstance(images, list) \
+            else np.full(images.shape[:3], 0.9, np.float32)
+
+    data = blob_set(tmp_path / "d", n=10, sizes=((24, 32), (40, 20)))
+    monkeypatch.setattr(training, "probabilities", everywhere)
+    assert train_main(["--data", str(data), "--out", str(tmp_path / "run"), *TINY]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert "predicts foreground (a full mask) on all 3 validation images" in out[-1]  # 10 images: 7 + 3
+    assert "more --epochs" in out[-1]  # the advice comes with it
+
+
 def test_the_collapse_warning():
     assert "foreground (a full mask) on all 4 validation images" in collapse_note(100, 30, 100, 4)
     assert "more --epochs" in collapse_note(0, 30, 100, 4)
