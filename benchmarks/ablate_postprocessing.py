@@ -1,6 +1,6 @@
 """What post-processing buys one trained model, measured on its own validation split.
 
-    python -m benchmarks.ablate_postprocessing --model runs/<name>/best.npz
+    python -m benchmarks.ablate_postprocessing --model runs/<name>/best.npz     (or an ensemble.npz)
 
 Rebuilds the model's validation part from the settings in its checkpoint (the same split, fold and
 geometry as training), predicts it with and without flip TTA, and prints a markdown table of the
@@ -17,13 +17,14 @@ from dataclasses import replace
 
 import numpy as np
 
-from tinyunet.metrics import competition_score
-from tinyunet.models import load_model
-from tinyunet.parallel import DataParallel
-from tinyunet.pipeline import probabilities
 from tinyunet.config import config_from_args
-from tinyunet.prepare import prepare_data
+from tinyunet.ensemble import Ensemble
+from tinyunet.metrics import competition_score
+from tinyunet.models import for_inference, load_model
+from tinyunet.pipeline import probabilities
+from tinyunet.prepare import load_split
 from tinyunet.training import EVAL_BATCH, tune_postprocessing
+from tinyunet.transforms import canvas, take
 
 from benchmarks.common import add_threads_flag, machine
 
@@ -35,20 +36,23 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     model, ckpt = load_model(args.model)
+    net = for_inference(model, args.threads)  # as predict.py runs it
     config = config_from_args(ckpt.meta.get("args"), ckpt.path)
-    prep = prepare_data(config, config.data, model.xp, model.dtype)
-    net = DataParallel(model, args.threads)
-    print(f"# {args.model}: {len(prep.val_idx)} validation images; {machine()}")
+    split = load_split(config, config.data)  # the run's images and split, at their own sizes
+    images = take(split.images, split.val_idx)
+    truth = canvas(take(split.masks, split.val_idx)) > 0.5  # (M, H, W); mixed sizes on one canvas
+    kind = f"an ensemble of {len(model.members)}" if isinstance(model, Ensemble) else "one model"
+    print(f"# {args.model} ({kind}): {len(split.val_idx)} validation images; {machine()}")
     print("| post-processing | threshold | min area | validation score |")
     print("|---|---|---|---|")
     for tta in (False, True):
-        probs = probabilities(net, prep.val_images, config.fit, config.input_size, batch_size=EVAL_BATCH, tta=tta)
+        probs = canvas(probabilities(net, images, config.fit, config.input_size, batch_size=EVAL_BATCH, tta=tta))
         name = "flip TTA" if tta else "none"
         if not tta:
-            plain = competition_score(prep.val_truth, probs > np.float32(0.5))
+            plain = competition_score(truth, probs > np.float32(0.5))
             print(f"| {name}, threshold 0.5 | 0.500 | 0 | {plain:.4f} |")
         for rule in (False, True):
-            area, threshold, score, _, _ = tune_postprocessing(prep.val_truth, probs, replace(config, empty_rule=rule))
+            area, threshold, score, _, _ = tune_postprocessing(truth, probs, replace(config, empty_rule=rule))
             label = name + (", empty-mask rule" if rule else "") + ", tuned threshold"
             print(f"| {label} | {threshold:.3f} | {area} | {score:.4f} |")
 

@@ -17,6 +17,8 @@ import numpy as np
 
 from tinyunet.checkpoint import Checkpoint, CheckpointError, check_compatible, load_checkpoint
 from tinyunet.ensemble import Ensemble, split_members
+from tinyunet.fold import fold_batchnorm
+from tinyunet.parallel import DataParallel
 from tinyunet.pipeline import FITS, MAX_INPUT_SIZE
 from tinyunet.transforms import MAX_CHANNELS
 from tinyunet.unet import MAX_DEPTH, MAX_WIDTH, UNet
@@ -132,3 +134,14 @@ def load_model(path: str | os.PathLike, gpu: bool = False) -> tuple[UNet | Ensem
         raise CheckpointError(f"{where} holds ensemble members of different depths, which fit images "
                               f"differently; {_DAMAGED}")
     return Ensemble(models), ckpt
+
+
+def for_inference(model: UNet | Ensemble, threads: int | None = None) -> DataParallel | Ensemble:
+    """``model`` (as :func:`load_model` returns it) made ready to predict: every BatchNorm folded into
+    the conv before it (:mod:`tinyunet.fold`), and every batch shared by ``threads`` CPU threads
+    (:class:`DataParallel`; an ensemble's members one after the other, each on every thread)."""
+    members = model.members if isinstance(model, Ensemble) else [model]
+    for member in members:
+        fold_batchnorm(member)
+    parallel = [DataParallel(member, threads) for member in members]
+    return Ensemble(parallel) if isinstance(model, Ensemble) else parallel[0]

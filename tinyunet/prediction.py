@@ -44,9 +44,7 @@ from tinyunet.ensemble import Ensemble
 from tinyunet.evaluation import Report, evaluate as score_report
 from tinyunet.files import atomic_write, make_writable_folder
 from tinyunet.metrics import drop_small
-from tinyunet.fold import fold_batchnorm
-from tinyunet.models import load_model
-from tinyunet.parallel import DataParallel
+from tinyunet.models import for_inference, load_model
 from tinyunet.pipeline import TILE, binarize, probabilities
 from tinyunet.rle import rle_encode
 from tinyunet.prepare import load_split
@@ -295,12 +293,7 @@ def predict(
     # --- the model ---------------------------------------------------------------------------------
     model_path = Path(model) if model is not None else latest_model()
     unet, ckpt = load_model(model_path, gpu=gpu)
-    for member in unet.members if isinstance(unet, Ensemble) else [unet]:
-        fold_batchnorm(member)  # inference only: each BatchNorm into the conv before it (tinyunet.fold)
-    if isinstance(unet, Ensemble):  # every batch split between the CPU's threads, member by member
-        net = Ensemble([DataParallel(member, threads) for member in unet.members])
-    else:
-        net = DataParallel(unet, threads)
+    net = for_inference(unet, threads)  # BatchNorm folded; every batch split between the CPU's threads
     meta = ckpt.meta
     threshold, source = choose_threshold(threshold, meta)
     tta = bool(meta.get("tta", False)) if tta is None else tta
