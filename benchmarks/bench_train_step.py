@@ -74,7 +74,8 @@ def main() -> None:
     args = parser.parse_args()
 
     print(f"machine: {machine()}")
-    print(f"U-Net features={args.features} depth=4 block={args.block}, batch {args.batch_size}, {args.size}x{args.size}, float32, "
+    print(f"U-Net features={args.features} depth=4 block={args.block}, batch {args.batch_size}, "
+          f"{args.size}x{args.size}, float32, "
           f"median of {args.repeats} steps")
     ms, flops = tinyunet_step(args.batch_size, args.size, args.repeats, args.gpu, args.threads, args.features,
                               args.block)

@@ -81,7 +81,8 @@ def test_train_resume_predict_and_evaluate_on_the_gpu(gpu, tiny_data, tmp_path, 
     assert isinstance(by_gpu.probs, np.ndarray) and by_gpu.probs.shape == (4, 101, 101)
     np.testing.assert_allclose(by_gpu.probs, by_cpu.probs, rtol=0, atol=0 if exact else 1e-5)
     if exact:
-        assert (tmp_path / "gpu.csv" / "submission.csv").read_text() == (tmp_path / "cpu.csv" / "submission.csv").read_text()
+        gpu_csv, cpu_csv = (tmp_path / name / "submission.csv" for name in ("gpu.csv", "cpu.csv"))
+        assert gpu_csv.read_text() == cpu_csv.read_text()
 
     capsys.readouterr()
     code = predict_main(["--model", str(on_gpu / "best.npz"), "--data", str(tiny_data), "--gpu",

@@ -130,12 +130,14 @@ def parse_train_args(argv: list[str] | None = None) -> tuple[dict, bool]:
         argument_default=argparse.SUPPRESS,  # only flags actually given reach build_config
         allow_abbrev=False,  # --epoch 3 is an error, not a silent --epochs 3
     )
-    parser.add_argument("--recipe", dest="preset", choices=("seed", "best"), help="the defaults: 'seed', the walkthrough's recipe (0.725 here), or "
-                        "'best', the measured best of docs/accuracy.md (every flag below still overrides them; "
-                        "default: seed, or the quick run when there is no data)")
-    parser.add_argument("--data", help="folder or zip: a plain DATA/images + DATA/masks pair matched by name, or Kaggle's layout (train/images, train/masks, train.csv, "
-                        "test/images) or the competition's zip; default: ./data/tgs-salt-identification-"
-                        "challenge.zip or ./data/tgs-salt if present, else the built-in synthetic set")
+    parser.add_argument("--recipe", dest="preset", choices=("seed", "best"), help="the defaults: 'seed', the "
+                        "walkthrough's recipe (0.725 here), or 'best', the measured best of docs/accuracy.md "
+                        "(every flag below still overrides them; default: seed, or the quick run when there is "
+                        "no data)")
+    parser.add_argument("--data", help="folder or zip: a plain DATA/images + DATA/masks pair matched by name, "
+                        "or Kaggle's layout (train/images, train/masks, train.csv, test/images) or the "
+                        "competition's zip; default: ./data/tgs-salt-identification-challenge.zip or "
+                        "./data/tgs-salt if present, else the built-in synthetic set")
     parser.add_argument("--mask-suffix", help="a plain layout's mask names: the image's name plus this "
                         "(images/cat_01.jpg <-> masks/cat_01_mask.png with --mask-suffix _mask; default: none)")
     parser.add_argument("--mask-threshold", type=float, help="binarise soft masks: foreground where the value, "

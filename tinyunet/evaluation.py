@@ -26,7 +26,8 @@ import numpy as np
 
 from tinyunet.backend import as_numpy
 from tinyunet.data import coverage, coverage_class
-from tinyunet.metrics import best_threshold, dice, drop_small, image_scores, iou, pooled_iou_dice, threshold_sweep, to_bool
+from tinyunet.metrics import (best_threshold, dice, drop_small, image_scores, iou, pooled_iou_dice, threshold_sweep,
+                              to_bool)
 from tinyunet.pipeline import binarize
 from tinyunet.transforms import canvas
 
@@ -106,9 +107,10 @@ def evaluate(truth, probs, threshold: float | None = None, threshold_source: str
     """Score probabilities ``probs`` (N, H, W) against boolean (or 0/1) masks ``truth`` (N, H, W).
 
     A set of mixed sizes comes as lists of (H, W) arrays; they are scored on one canvas, background
-    around each image, which no per-image count sees. Sweeps ``n_thresholds`` probability thresholds in [0, 1]; the numbers at one threshold are taken
-    at ``threshold`` when given, else at the sweep's best. ``threshold_source`` says in the report
-    where a given threshold came from (default "given"). A pixel is salt when its probability is
+    around each image, which no per-image count sees. Sweeps ``n_thresholds`` probability thresholds
+    in [0, 1]; the numbers at one threshold are taken at ``threshold`` when given, else at the sweep's
+    best. ``threshold_source`` says in the report where a given threshold came from (default
+    "given"). A pixel is salt when its probability is
     greater than the threshold, as in prediction; with ``min_area`` the empty-mask rule applies too
     (:func:`tinyunet.metrics.drop_small`), in the sweep and at the threshold.
     """
