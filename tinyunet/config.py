@@ -107,6 +107,7 @@ MIN_AREAS = (0, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 400, 500, 700, 1000) 
 # Settings that decide the model, the split or the geometry: a resumed run must keep them.
 FIXED_ON_RESUME = ("features", "depth", "dropout", "block", "fit", "input_size", "val_split", "seed", "flip",
                    "flip_mode", "limit", "folds", "fold", "mask_suffix", "mask_threshold")
+SPLIT_SETTINGS = ("seed", "val_split", "folds", "fold", "limit")  # what decides which images are validation
 FLIP_MODES = ("double", "random")
 SCHEDULES = ("plateau", "cosine")
 MONITORS = {"val_loss": "min", "val_score": "max"}  # a monitored value and the direction it improves in

@@ -51,6 +51,18 @@ class Ensemble:
         return xp.log(xp.maximum(p, tiny)) - xp.log(xp.maximum(1 - p, tiny))  # sigmoid() maps it back to p
 
 
+def mean_probability(maps):
+    """The mean of probability maps (M, H, W) given one after another (an iterable, so that only the
+    sum and one map need be in memory); the sum is taken in the first map."""
+    maps = iter(maps)
+    mean, count = next(maps), 1
+    for p in maps:
+        mean += p
+        count += 1
+    mean /= mean.dtype.type(count)
+    return mean
+
+
 def member_prefix(k: int) -> str:
     return f"m{k}/"
 

@@ -52,10 +52,10 @@ import numpy as np
 from tinyunet.backend import as_array, as_numpy, get_backend
 from tinyunet.callbacks import CosineAnnealing, EarlyStopping, ModelCheckpoint, ReduceLROnPlateau
 from tinyunet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from tinyunet.config import (FIXED_ON_RESUME, MIN_AREAS, MONITORS, QUICK, ConfigError, TrainConfig, config_from_args,
-                             dropout_rates, flag, validate)
+from tinyunet.config import (FIXED_ON_RESUME, MIN_AREAS, MONITORS, QUICK, SPLIT_SETTINGS, ConfigError, TrainConfig,
+                             config_from_args, dropout_rates, flag, validate)
 from tinyunet.data import DataError, tgs_like
-from tinyunet.ensemble import save_ensemble
+from tinyunet.ensemble import mean_probability, save_ensemble
 from tinyunet.files import remove_stale_temporaries
 from tinyunet.layers import sigmoid
 from tinyunet.losses import get_loss, pixel_accuracy
@@ -262,9 +262,6 @@ def _setup(config: TrainConfig, run: Path, resume_from):
             optimizer.lr = config.lr
         history = list(resume_from.meta.get("history", []))
     return model, optimizer, history, prep, config
-
-
-SPLIT_SETTINGS = ("seed", "val_split", "folds", "fold", "limit")  # what decides which images are validation
 
 
 def _start_from(model: UNet, config: TrainConfig, prep: Prepared) -> None:
@@ -510,10 +507,7 @@ def finish(model, prep: Prepared, config: TrainConfig, run: Path, history: list[
     snapshots = [run / snapshot_name(k) for k in range(1, cycles + 1) if (run / snapshot_name(k)).is_file()]
     if len(snapshots) >= 2:
         members = [load_checkpoint(path) for path in snapshots]
-        mean = predict_val(members[0])
-        for member in members[1:]:
-            mean += predict_val(member)
-        mean /= mean.dtype.type(len(members))
+        mean = mean_probability(predict_val(member) for member in members)
         min_area, threshold, score, _, _ = tune_postprocessing(prep.val_truth, mean, config)
         shared = {k: v for k, v in members[-1].meta.items() if k not in ("history", "callbacks", "model")}
         save_ensemble(run / "ensemble.npz", members, {**shared, "best_threshold": threshold, "val_score": score,

@@ -1,0 +1,70 @@
+"""Combining trained models into one ensemble tuned on their shared validation split (tinyunet.combine)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tinyunet.checkpoint import CheckpointError, load_checkpoint
+from tinyunet.combine import combine, main
+from tinyunet.config import build_config
+from tinyunet.ensemble import Ensemble
+from tinyunet.metrics import competition_score, drop_small
+from tinyunet.models import load_model
+from tinyunet.pipeline import probabilities
+from tinyunet.prepare import load_split
+from tinyunet.training import train
+from tinyunet.transforms import take
+
+TINY = {"features": 2, "depth": 2, "input_size": 32, "epochs": 1, "progress": False, "plots": False}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_data, tmp_path_factory):
+    """Three runs on one split (seed 0): one model, a cosine run with two snapshots; and one on another split."""
+    root = tmp_path_factory.mktemp("combine")
+
+    def run(name, **settings):
+        return train(build_config({"data": str(tiny_data), "out": str(root / name), **TINY, **settings}))
+
+    return {"one": run("one"), "cosine": run("cosine", features=3, epochs=2, schedule="cosine", cycle=1),
+            "other_split": run("other_split", seed=1), "root": root}
+
+
+def test_an_ensemble_of_a_model_and_two_snapshots_is_tuned_on_their_validation_split(runs, tiny_data, capsys):
+    out = runs["root"] / "mix.npz"
+    path, score = combine([str(runs["one"] / "best.npz"), str(runs["cosine"] / "ensemble.npz")], str(out),
+                          tta=True, empty_rule=True, threads=1)
+    said = capsys.readouterr().out
+    assert said.count("member ") == 3 and "ensemble of 3" in said
+    ensemble, ckpt = load_model(path)
+    assert isinstance(ensemble, Ensemble) and [m.config["features"] for m in ensemble.members] == [2, 3, 3]
+    meta = ckpt.meta
+    assert meta["val_score"] == score and meta["tta"] is True and len(meta["combined_from"]) == 2
+    # the score is the competition score of the members' mean TTA probability at the stored threshold and area
+    split = load_split(build_config({"data": str(tiny_data), **TINY}), tiny_data)
+    images, truth = take(split.images, split.val_idx), take(split.masks, split.val_idx) > 0.5
+    members = [load_model(runs["one"] / "best.npz")[0], *load_model(runs["cosine"] / "ensemble.npz")[0].members]
+    mean = sum(probabilities(m, images, "resize", 32, tta=True) for m in members) / 3
+    predicted = drop_small(mean > np.float32(meta["best_threshold"]), meta["min_area"])
+    assert competition_score(truth, predicted) == pytest.approx(score, abs=1e-9)
+
+
+def test_models_of_another_split_or_geometry_are_refused(runs, tmp_path):
+    with pytest.raises(CheckpointError, match="differ in seed"):
+        combine([str(runs["one"] / "best.npz"), str(runs["other_split"] / "best.npz")], str(tmp_path / "x.npz"))
+    assert not (tmp_path / "x.npz").exists()
+    ckpt = load_checkpoint(runs["one"] / "best.npz")
+    assert ckpt.meta["fit"] == "resize"
+
+
+def test_the_command_line_says_what_is_wrong_in_one_line(runs, tmp_path, capsys):
+    best = str(runs["one"] / "best.npz")
+    assert main([best, str(runs["other_split"] / "best.npz"), "--out", str(tmp_path / "x.npz")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "same split" in err
+    assert main([best, "--out", best]) == 2
+    assert "one of the models being combined" in capsys.readouterr().err
+    assert main([str(tmp_path / "missing.npz"), "--out", str(tmp_path / "y.npz")]) == 2
+    assert main([best, "--out", str(tmp_path / "one.npz"), "--threads", "1"]) == 0  # one model: an ensemble of 1
+    assert len(load_checkpoint(tmp_path / "one.npz").meta["members"]) == 1
