@@ -330,7 +330,7 @@ It is a small model, briefly trained: the point of this page is the path, not th
 | step | what | shape | code |
 |---|---|---|---|
 | read | PNG, mode `{png_mode}`, {png_raw.dtype} values {int(png_raw.min())}..{int(png_raw.max())} | {shape(png_raw)} | {L("read_image", dat, "def read_image(")} |
-| scale | float32 in [0, 1]: min {g(raw.min())}, mean {g(raw.mean())}, max {g(raw.max())} | {shape(raw)} | {L("divide by 255", dat, "return raw / np.float32(full)")} |
+| scale | float32 in [0, 1]: min {g(raw.min())}, mean {g(raw.mean())}, max {g(raw.max())} | {shape(raw)} | {L("divide by 255", dat, "return decoded.raw / np.float32(decoded.full)")} |
 | fit | bilinear resize {raw.shape[0]} -> {x.shape[1]} (`fit="{fit}"`), a batch of one with one channel | {shape(x)} | {L("to_network", pipe, "def to_network(")}, {L("_resize_axis", dat, "def _resize_axis(")} |
 | network | {len(rows) - 2} layers, listed below | {shape(x)} -> {shape(logits)} | {L("UNet.forward", unet, "# dec4 takes x4, ..., dec1 takes x1")} |
 | logits | the head's output z: min {g(logits.min())}, max {g(logits.max())} | {shape(logits)} | {L("head", unet, "# logits (N, H, W, 1)")} |

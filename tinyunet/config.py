@@ -95,7 +95,8 @@ QUICK: dict[str, Any] = {"epochs": 13, "input_size": 64, "dropout": (0.0, 0.0, 0
 # a residual U-Net with BatchNorm at 16 filters, reflect-padded 101 -> 112 instead of resized, random mirrors
 # instead of doubled ones (half the epoch), BCE for 19 epochs and then the per-image Lovász hinge, the best
 # checkpoint by the competition score, flip TTA and the empty-mask rule tuned on validation. Measured: 0.7586
-# on the 640 validation images after 37 epochs (110 min on 2 cores; best epoch 29): models/tgs-salt.npz.
+# on the 640 validation images after 37 epochs (110 min on 2 cores; best epoch 29): the first of the three
+# stages of models/tgs-salt.npz (the other two fine-tune it with --init: docs/accuracy.md).
 BEST: dict[str, Any] = {"block": "residual", "features": 16, "fit": "pad", "flip_mode": "random", "loss": "bce",
                         "loss2": "lovasz", "loss2_epoch": 20, "monitor": "val_score", "epochs": 37, "patience": 12,
                         "lr_patience": 6, "tta": True, "empty_rule": True}
