@@ -6,7 +6,8 @@ convolution that feeds it can absorb it. With ``s = gamma / sqrt(moving_variance
     BN(conv(x)) = (x * W + b - moving_mean) * s + beta
                 = x * (W * s) + ((b - moving_mean) * s + beta)        (b = 0 for a conv without bias)
     W' = W * s        (KH, KW, C, F): every output channel f scaled by s[f]
-    b' = (b - moving_mean) * s + beta
+    b' = (b - moving_mean) * s + beta  =  b * s + shift, with BN's own inference shift
+                                         shift = beta - moving_mean * s (BatchNormalization.inference_affine)
 
     fold_batchnorm(model)        # in place; the BN layers become Identity; returns how many were folded
 
@@ -62,10 +63,9 @@ def fold_batchnorm(model: Block) -> int:
         conv = layers.get(source)
         if not isinstance(conv, Conv2D) or readers[source] != [name]:
             continue
-        scale = bn.params["gamma"] * bn._moving_inv_std()  # (F,)
-        bias = conv.params.get("b", 0)
+        scale, shift = bn.inference_affine()  # (F,) each: BN(y) = y * scale + shift
         conv.params["W"] = conv.params["W"] * scale  # (KH, KW, C, F) * (F,)
-        conv.params["b"] = (bias - bn.buffers["moving_mean"]) * scale + bn.params["beta"]  # (F,)
+        conv.params["b"] = conv.params["b"] * scale + shift if "b" in conv.params else shift  # (F,)
         conv.grads = {key: get_array_module(value).zeros_like(value) for key, value in conv.params.items()}
         block, key = owners[name]
         block.children[key] = Identity()

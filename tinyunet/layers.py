@@ -437,8 +437,7 @@ class BatchNormalization:
         self.train = train
         if not train:
             self.x = x
-            scale = gamma * self._moving_inv_std()  # (C,)
-            shift = beta - self.buffers["moving_mean"] * scale
+            scale, shift = self.inference_affine()  # (C,) each
             return (rows * scale + shift).reshape(x.shape)
         inv_m = one / x.dtype.type(len(rows))
         mean = column_sums(rows) * inv_m  # (C,)
@@ -457,6 +456,12 @@ class BatchNormalization:
         xp.multiply(self.xhat, gamma, out=out)
         out += beta  # gamma * xhat + beta, in the squares' buffer
         return out.reshape(x.shape)
+
+    def inference_affine(self):
+        """(scale, shift), each (C,): inference computes ``x * scale + shift`` (what tinyunet.fold puts
+        into the conv before)."""
+        scale = self.params["gamma"] * self._moving_inv_std()
+        return scale, self.params["beta"] - self.buffers["moving_mean"] * scale
 
     def _moving_inv_std(self):
         variance = self.buffers["moving_variance"]
