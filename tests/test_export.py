@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from tinyunet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from tinyunet.config import init_settings
+from tinyunet.ensemble import save_ensemble
 from tinyunet.export import export, main
 from tinyunet.models import load_model
 from tinyunet.unet import UNet
@@ -46,3 +48,27 @@ def test_export_refuses_to_overwrite_its_source_and_bad_files(tmp_path, capsys):
     assert main([str(tmp_path / "junk.npz"), str(tmp_path / "out.npz")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and not (tmp_path / "out.npz").exists()
+
+
+def test_member_writes_one_model_of_an_ensemble_that_init_and_predict_take(tmp_path, capsys):
+    first, second = _saved_residual(tmp_path / "a.npz"), UNet(features=2, depth=2, block="residual", seed=7)
+    meta = load_checkpoint(tmp_path / "a.npz").meta
+    save_checkpoint(tmp_path / "b.npz", second.params, meta, buffers=second.buffers)
+    both = [load_checkpoint(tmp_path / name) for name in ("a.npz", "b.npz")]
+    save_ensemble(tmp_path / "pair.npz", both, {**meta, "val_score": 0.5})
+    export(tmp_path / "pair.npz", tmp_path / "second.npz", float16=True, member=2)
+    alone = load_checkpoint(tmp_path / "second.npz")
+    assert not {"members", "val_score", "epoch"} & set(alone.meta)
+    assert alone.meta["member"] == {"of": str(load_checkpoint(tmp_path / "pair.npz").path), "index": 2, "count": 2}
+    assert alone.meta["best_threshold"] == 0.4 and set(alone.params) == set(second.params)
+    loaded, _ = load_model(tmp_path / "second.npz")
+    x = np.random.default_rng(3).random((2, 16, 16, 1)).astype(np.float32)
+    np.testing.assert_allclose(loaded.predict(x), second.predict(x), atol=2e-3)  # the second, not the first
+    assert not np.allclose(loaded.predict(x), first.predict(x), atol=2e-3)
+    assert init_settings(str(tmp_path / "second.npz"))["block"] == "residual"  # --init takes it
+    for k, why in ((3, "out of range: .* ensemble of 2 models"), (0, "out of range")):
+        with pytest.raises(CheckpointError, match=why):
+            export(tmp_path / "pair.npz", tmp_path / "x.npz", member=k)
+    assert main([str(tmp_path / "a.npz"), str(tmp_path / "x.npz"), "--member", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not an ensemble" in err[0] and not (tmp_path / "x.npz").exists()
