@@ -70,3 +70,45 @@ def check_whole_network(model, x, y, sample: int | None = None, tol: float = 1e-
             assert_gradients_close(name, as_numpy(analytic[name]).reshape(-1)[entries],
                                    numerical_gradient(loss, array, entries=entries), tol=tol)
     return list(targets)
+
+
+# The bit-exact references from before the redesign (tests/test_training.py) were computed with OpenBLAS's
+# Haswell kernels. OpenBLAS picks its kernels by CPU (an AVX-512 machine gets SkylakeX's, which sum in another
+# order), so those tests run under the Haswell kernels on every x86-64 CPU that has them (OPENBLAS_CORETYPE).
+REFERENCE_KERNEL = "Haswell"
+
+
+def blas_kernel() -> str | None:
+    """The kernel family NumPy's OpenBLAS runs (threadpoolctl's 'architecture'); None for another BLAS."""
+    import numpy  # noqa: F401  (loads the BLAS that threadpoolctl looks for)
+    from threadpoolctl import threadpool_info
+
+    kernels = [info.get("architecture") for info in threadpool_info()
+               if info.get("internal_api") == "openblas" and "numpy" in info.get("filepath", "")]
+    return kernels[0] if kernels else None
+
+
+def on_reference_kernels(nodeid: str) -> bool:
+    """True when this process already runs the reference kernels (run the test's body here); otherwise runs
+    the test ``nodeid`` in a fresh pytest process under them, asserts that it passed and returns False.
+    Skips where neither is possible (another BLAS, or a CPU without AVX2)."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    import pytest
+
+    if blas_kernel() == REFERENCE_KERNEL:
+        return True
+    if os.environ.get("OPENBLAS_CORETYPE") == REFERENCE_KERNEL:
+        pytest.fail(f"OPENBLAS_CORETYPE={REFERENCE_KERNEL} is set but NumPy's BLAS runs {blas_kernel()}")
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if blas_kernel() is None or platform.machine() != "x86_64" or " avx2 " not in flags:
+        pytest.skip(f"the bit-exact reference needs OpenBLAS's {REFERENCE_KERNEL} kernels (x86-64 with AVX2); "
+                    f"this machine runs {blas_kernel() or 'another BLAS'}")
+    env = {**os.environ, "OPENBLAS_CORETYPE": REFERENCE_KERNEL}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", nodeid], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    return False
