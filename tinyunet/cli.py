@@ -19,8 +19,10 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from tinyunet.augment import AUG_BRIGHT, AUG_CONTRAST, AUG_SCALE, AUG_SHIFT, AUGMENTATIONS
 from tinyunet.blocks import BLOCKS
-from tinyunet.config import BEST, FLIP_MODES, MONITORS, QUICK, SCHEDULES, ConfigError, TrainConfig, build_config, flag
+from tinyunet.config import (BEST, FLIP_MODES, LOSS_REGIONS, MONITORS, QUICK, SCHEDULES, ConfigError, TrainConfig,
+                             build_config, flag)
 from tinyunet.losses import LOSSES
 from tinyunet.pipeline import FITS, TILE
 
@@ -116,6 +118,16 @@ def _rates(text: str) -> tuple[float, ...]:
                                          "e.g. 0.25,0.3,0.4,0.5") from None
 
 
+def _augmentations(text: str) -> tuple[str, ...]:
+    """'scale,shift' -> ('shift', 'scale'): once each, in the order they apply; 'none' -> ()."""
+    names = [] if text == "none" else [part.strip() for part in text.split(",")]
+    unknown = [name for name in names if name not in AUGMENTATIONS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{unknown[0]!r} is not an augmentation: give some of "
+                                         f"{','.join(AUGMENTATIONS)}, comma-separated, or none")
+    return tuple(name for name in AUGMENTATIONS if name in names)
+
+
 def parse_train_args(argv: list[str] | None = None) -> tuple[dict, bool]:
     """The flags actually given, as TrainConfig field -> value, and --debug."""
     quick = ", ".join(_typed(key, value) for key, value in QUICK.items())
@@ -165,6 +177,10 @@ def parse_train_args(argv: list[str] | None = None) -> tuple[dict, bool]:
                         "(e.g. --loss bce --loss2 lovasz --loss2-epoch 25; default: none)")
     parser.add_argument("--loss2-epoch", type=int, help="the first epoch (counting from 1) trained with --loss2 "
                         f"{_default('loss2_epoch')}")
+    parser.add_argument("--loss-region", choices=LOSS_REGIONS, help="which pixels the loss sees: 'all' of the "
+                        "network input, or with --fit pad the 'central' ones only, the image itself (101x101 of "
+                        "112x112 for TGS): its reflect-padded border gets no loss and no gradient, in training "
+                        f"and in the validation loss {_default('loss_region')}")
     parser.add_argument("--monitor", choices=list(MONITORS), help="what early stopping, the best checkpoint and "
                         "the LR cut watch: val_loss (lower is better) or val_score (the competition score at "
                         f"threshold 0.5; higher is better; use it when the loss changes) {_default('monitor')}")
@@ -215,6 +231,14 @@ def parse_train_args(argv: list[str] | None = None) -> tuple[dict, bool]:
     parser.add_argument("--flip-mode", choices=FLIP_MODES, help="'double': append every training image's "
                         "mirror (the seed); 'random': mirror each image of every batch with probability 1/2, "
                         f"so an epoch costs half {_default('flip_mode')}")
+    parser.add_argument("--augment", type=_augmentations, metavar="LIST", help="augment every training batch, "
+                        "redrawn each epoch from the seed (validation images never): comma-separated, any of "
+                        f"'shift' (image and mask moved by up to {AUG_SHIFT * 100:g}%% of the side in whole pixels, "
+                        f"the border reflect-filled), 'scale' (both zoomed x1-{1 + AUG_SCALE:g} about a random centre, "
+                        f"bilinear, the mask re-binarised at 0.5), 'brightness' (per image x' = (x - mean) * c + mean "
+                        f"+ b, c in [{1 - AUG_CONTRAST:g}, {1 + AUG_CONTRAST:g}], b in [-{AUG_BRIGHT:g}, "
+                        f"{AUG_BRIGHT:g}], clipped to [0, 1]; images only); applied in that order after the "
+                        "mirrors; a resumed run keeps them (default: none)")
     parser.add_argument("--limit", type=int, help="train on a random subset of this many images (by --seed) "
                         "(default: all)")
     parser.add_argument("--no-progress", dest="progress", action="store_false",

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from tinyunet.augment import AUGMENTATIONS
 from tinyunet.blocks import BLOCKS
 from tinyunet.checkpoint import CheckpointError, load_checkpoint
 from tinyunet.losses import LOSSES
@@ -47,6 +48,8 @@ class TrainConfig:
     loss: str = "bce"  # the training loss, by name (tinyunet.losses.LOSSES)
     loss2: str | None = None  # a second loss from epoch loss2_epoch on (e.g. BCE first, then "lovasz")
     loss2_epoch: int = 0  # the first epoch (counting from 1) trained with loss2
+    loss_region: str = "all"  # "all" pixels of the network input, or with fit="pad" the "central" ones only
+    #                           (the original image, not its reflect-padded border): no loss, no gradient there
     monitor: str = "val_loss"  # what early stopping, the best checkpoint and the LR cut watch: or "val_score"
     lr: float = 1e-3  # Adam's learning rate
     val_split: float = 0.2  # validation share, stratified by coverage class (unless fold is set)
@@ -67,6 +70,8 @@ class TrainConfig:
     flip: bool = True  # left-right mirrors of the training images, as flip_mode says
     flip_mode: str = "double"  # "double": every mirror appended (the seed); "random": each image mirrored
     #                            with probability 1/2 in every epoch's batches (half the epoch's cost)
+    augment: tuple[str, ...] = ()  # augmentations of every training batch, redrawn each epoch: any of "shift",
+    #                                "scale", "brightness" (tinyunet.augment), applied in that order after the mirrors
     limit: int | None = None  # use only this many training images (a random subset by seed)
     preset: str = "recipe"  # which defaults apply: "recipe" (the seed's), "best" (BEST over them), or "quick"
     #                         (QUICK, for the built-in synthetic set)
@@ -107,9 +112,10 @@ MIN_AREAS = (0, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 400, 500, 700, 1000) 
 
 # Settings that decide the model, the split or the geometry: a resumed run must keep them.
 FIXED_ON_RESUME = ("features", "depth", "dropout", "block", "fit", "input_size", "val_split", "seed", "flip",
-                   "flip_mode", "limit", "folds", "fold", "mask_suffix", "mask_threshold")
+                   "flip_mode", "augment", "limit", "folds", "fold", "mask_suffix", "mask_threshold")
 SPLIT_SETTINGS = ("seed", "val_split", "folds", "fold", "limit")  # what decides which images are validation
 FLIP_MODES = ("double", "random")
+LOSS_REGIONS = ("all", "central")
 SCHEDULES = ("plateau", "cosine")
 MONITORS = {"val_loss": "min", "val_score": "max"}  # a monitored value and the direction it improves in
 
@@ -143,8 +149,9 @@ def build_config(given: Mapping[str, Any] | None = None) -> TrainConfig:
     unknown = set(given) - {f.name for f in fields(TrainConfig)}
     if unknown:
         raise ConfigError(f"unknown setting(s) {', '.join(sorted(unknown))}")
-    if "dropout" in given:
-        given["dropout"] = tuple(given["dropout"])
+    for name in ("dropout", "augment"):  # lists (JSON, a caller's) as tuples
+        if name in given:
+            given[name] = tuple(given[name])
     if given.get("resume") and given.get("init"):
         raise ConfigError("--init and --resume both give the starting weights: a resumed run continues from its "
                           "own last.npz; drop --init")
@@ -195,8 +202,9 @@ def config_from_args(args: Any, where: Path) -> TrainConfig:
                               "train.py: start a new run instead of resuming")
     known = {f.name for f in fields(TrainConfig)}
     values = {key: value for key, value in args.items() if key in known}
-    if isinstance(values.get("dropout"), list):
-        values["dropout"] = tuple(values["dropout"])
+    for name in ("dropout", "augment"):  # JSON keeps tuples as lists
+        if isinstance(values.get(name), list):
+            values[name] = tuple(values[name])
     return replace(TrainConfig(), **values)
 
 
@@ -258,6 +266,13 @@ def validate(config: TrainConfig) -> None:
     need(_is_int(config.loss2_epoch) and config.loss2_epoch >= 0, "loss2_epoch", "it must be a whole number >= 0")
     need(config.monitor in MONITORS, "monitor", f"choose one of {', '.join(MONITORS)}")
     need(config.flip_mode in FLIP_MODES, "flip_mode", f"choose one of {', '.join(FLIP_MODES)}")
+    need(isinstance(config.augment, tuple) and all(name in AUGMENTATIONS for name in config.augment)
+         and len(set(config.augment)) == len(config.augment), "augment",
+         f"give each of {', '.join(AUGMENTATIONS)} at most once, comma-separated")
+    need(config.loss_region in LOSS_REGIONS, "loss_region", f"choose one of {', '.join(LOSS_REGIONS)}")
+    if config.loss_region == "central" and config.fit != "pad":
+        raise ConfigError(f"--loss-region central needs --fit pad: with --fit {config.fit} every pixel of the "
+                          "network input is the image's, there is no padded border to leave out")
     need(config.schedule in SCHEDULES, "schedule", f"choose one of {', '.join(SCHEDULES)}")
     need(_is_int(config.cycle) and config.cycle >= 1, "cycle", "it must be a whole number >= 1")
     need(_is_int(config.folds) and 1 <= config.folds <= 20, "folds", "it must be a whole number from 1 (no "

@@ -7,6 +7,9 @@ With z the logit and y the target in [0, 1], p = sigmoid(z):
     dBCE/dz   = p - y
 
 The loss is the mean over every pixel of every image, so dL/dz = (p - y) / (number of pixels).
+
+:func:`loss_in_box` gives any of these losses only the pixels inside a box (``--loss-region central``: the
+original image inside its reflect-padded border).
 """
 
 from __future__ import annotations
@@ -137,6 +140,26 @@ LOSSES = {
     "lovasz_symmetric": symmetric_lovasz,
     "bce_lovasz": bce_lovasz,
 }
+
+
+def loss_in_box(loss_fn, logits, target, box: tuple[int, int, int, int], mirrored=None):
+    """``loss_fn`` on the pixels inside ``box`` = (top, left, h, w) of every image only: ``(loss, dlogits)``.
+
+    The loss is ``loss_fn``'s of the cropped (B, h, w, 1) logits and targets (BCE: the mean over the box's
+    pixels; per-image Lovász: each image's box alone); ``dlogits`` (B, H, W, 1) is its gradient placed back,
+    zero outside the box. ``mirrored`` (B,) bool, or None for none: those images were mirrored left-right
+    after padding, so their box is mirrored too (left' = W - left - w; an odd padding, 101 -> 112, puts the
+    extra column on the other side).
+    """
+    xp = get_array_module(logits)
+    top, left, h, w = box
+    lefts = left if mirrored is None else xp.where(mirrored, logits.shape[2] - left - w, left)[:, None, None]
+    index = (xp.arange(len(logits))[:, None, None], top + xp.arange(h)[None, :, None],
+             lefts + xp.arange(w)[None, None, :])  # broadcast to (B, h, w): image, row, column
+    loss, dinner = loss_fn(logits[index], target[index])  # (B, h, w, 1)
+    dlogits = xp.zeros_like(logits)
+    dlogits[index] = dinner  # no loss, no gradient outside the box
+    return loss, dlogits
 
 
 def get_loss(name: str):

@@ -100,6 +100,7 @@ class Prepared:
     val_idx: np.ndarray
     x_train: Any  # (2N or N, S, S', C) on the device, flips appended
     y_train: Any  # (.., S, S', 1) soft targets in [0, 1]
+    train_box: Any  # what undoes the training images' fit, before any mirror (as box)
     x_val: Any  # (M, S, S', C) on the device
     y_val: Any
     box: Any  # what undoes the validation images' fit (pad: the crop box, or one per image; resize: None)
@@ -113,7 +114,8 @@ def prepare_data(config: TrainConfig, path: Path, xp, dtype) -> Prepared:
     """Load, check, subset, split, fit and move the data to the device (once)."""
     split = load_split(config, path)
     images, masks, train_idx, val_idx = split.images, split.masks, split.train_idx, split.val_idx
-    x_train, _ = to_network(take(images, train_idx), config.fit, config.input_size, config.depth)  # (N, S, S', C)
+    train_images = take(images, train_idx)
+    x_train, train_box = to_network(train_images, config.fit, config.input_size, config.depth)  # (N, S, S', C)
     y_train, _ = to_network(take(masks, train_idx), config.fit, config.input_size, config.depth)
     if config.flip and config.flip_mode == "double":
         x_train, y_train = augment_hflip(x_train, y_train)  # (2N, S, S', C): originals, then mirrors
@@ -128,6 +130,6 @@ def prepare_data(config: TrainConfig, path: Path, xp, dtype) -> Prepared:
 
     sizes = [m.shape for m in val_masks] if isinstance(val_masks, list) else val_masks.shape[1:]
     return Prepared(ids=split.ids, fingerprint=split.fingerprint, channels=channels(images), train_idx=train_idx,
-                    val_idx=val_idx, x_train=dev(x_train), y_train=dev(y_train), x_val=dev(x_val), y_val=dev(y_val),
-                    box=box, val_images=dev(val_images), val_sizes=sizes,
+                    val_idx=val_idx, x_train=dev(x_train), y_train=dev(y_train), train_box=train_box,
+                    x_val=dev(x_val), y_val=dev(y_val), box=box, val_images=dev(val_images), val_sizes=sizes,
                     val_truth=as_array(canvas(val_masks) > 0.5, xp), coverage=split.coverage)

@@ -6,7 +6,8 @@
 One epoch, as the recipe has it::
 
     shuffle the (flip-doubled) training part with rng([seed, epoch]); reseed dropout with (seed, epoch)
-    for each minibatch:  logits = model.forward(x, train=True)          dropout on
+    for each minibatch:  (--flip-mode random: mirrors; --augment: shifts, zooms, brightness, all drawn by rng)
+                         logits = model.forward(x, train=True)          dropout on
                          loss, dlogits = binary_crossentropy(logits, y)
                          model.backward(dlogits); adam.step(model.grads)
     validation: loss and pixel accuracy at the network's size, the competition score at threshold 0.5
@@ -23,7 +24,7 @@ The run folder (best.npz, last.npz, history.csv, the plots, runs/latest) is :mod
 data is found, split and fitted by :mod:`tinyunet.prepare`.
 
 Exact resume: every random draw is a function of (seed, epoch): the initial weights of the seed, the
-shuffle of ``np.random.default_rng([seed, epoch])`` and the dropout masks of
+shuffle, mirrors and augmentations of ``np.random.default_rng([seed, epoch])`` and the dropout masks of
 ``model.reseed_dropout((seed, epoch))``. last.npz holds the weights, Adam's moments and step, the
 callbacks' counters and the history, so 2 epochs + ``--resume`` 2 more give, on the CPU, bit for bit
 the weights of 4 epochs straight (with the same ``threads``). On a GPU only on the same GPU model: CuPy's
@@ -49,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tinyunet.augment import Augmentation, describe
 from tinyunet.backend import as_array, as_numpy, get_backend
 from tinyunet.callbacks import CosineAnnealing, EarlyStopping, ModelCheckpoint, ReduceLROnPlateau
 from tinyunet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -58,7 +60,7 @@ from tinyunet.data import DataError, tgs_like
 from tinyunet.ensemble import mean_probability, save_ensemble
 from tinyunet.files import remove_stale_temporaries
 from tinyunet.layers import sigmoid
-from tinyunet.losses import get_loss, pixel_accuracy
+from tinyunet.losses import get_loss, loss_in_box, pixel_accuracy
 from tinyunet.metrics import best_postprocessing, best_threshold, competition_score, drop_small, threshold_sweep
 from tinyunet.models import load_into
 from tinyunet.optim import Adam
@@ -112,12 +114,15 @@ def epoch_loss(config: TrainConfig, epoch: int):
     return get_loss(config.loss2 if second else config.loss)
 
 
-def train_epoch(model, optimizer, x, y, config: TrainConfig, epoch: int) -> tuple[float, float]:
+def train_epoch(model, optimizer, x, y, config: TrainConfig, epoch: int, box=None) -> tuple[float, float]:
     """One pass over the training part; returns (mean loss, mean pixel accuracy) over its images.
 
     ``epoch`` counts from 0. Raises TrainingDiverged at the first non-finite loss found. With
     ``flip_mode="random"`` each image of a batch is mirrored left-right with probability 1/2, drawn
-    (after the shuffle) from the epoch's generator, so a resumed run draws the same mirrors.
+    (after the shuffle) from the epoch's generator, and then ``config.augment``'s parameters (every image's,
+    at once), so a resumed run draws the same mirrors and augmentations. ``box`` (top, left, h, w): the loss
+    sees only those pixels of every image (``--loss-region central``: the original image inside its padding;
+    a mirrored image's box mirrored); None: every pixel.
     """
     xp = model.xp
     n = len(x)
@@ -129,6 +134,10 @@ def train_epoch(model, optimizer, x, y, config: TrainConfig, epoch: int) -> tupl
     mirrored = None
     if config.flip and config.flip_mode == "random":
         mirrored = as_array(rng.random(n) < 0.5, xp)[:, None, None, None]  # (n, 1, 1, 1), in batch order
+    augment = Augmentation(config.augment, rng, n, x.shape[1:3], xp, x.dtype) if config.augment else None
+    flipped = None  # (n,) in batch order: the mirrored images, whose loss box is mirrored too
+    if box is not None and config.flip:  # "double": x's second half mirrors its first (prepare_data)
+        flipped = mirrored[:, 0, 0, 0] if mirrored is not None else order >= n // 2
     sync_every = 1 if xp is np else GPU_SYNC_EVERY
     loss_sum = xp.zeros((), dtype=xp.float64)  # sums stay on the device between syncs
     acc_sum = xp.zeros((), dtype=xp.float64)
@@ -140,12 +149,18 @@ def train_epoch(model, optimizer, x, y, config: TrainConfig, epoch: int) -> tupl
         for b, batch in enumerate(batches):
             idx = order[start:start + len(batch)]
             start += len(batch)
+            part = slice(start - len(batch), start)  # this batch's places in the epoch's order
             xb, yb = x[idx], y[idx]  # gathered on the device
             if mirrored is not None:
-                flip = mirrored[start - len(batch):start]  # (B, 1, 1, 1)
+                flip = mirrored[part]  # (B, 1, 1, 1)
                 xb, yb = xp.where(flip, xb[:, :, ::-1], xb), xp.where(flip, yb[:, :, ::-1], yb)
+            if augment is not None:
+                xb, yb = augment(xb, yb, part)
             logits = model.forward(xb, train=True)  # (B, S, S', 1)
-            loss, dlogits = loss_fn(logits, yb)
+            if box is None:
+                loss, dlogits = loss_fn(logits, yb)
+            else:  # the box stays where the padding put it: shifts and zooms move the image, not the box
+                loss, dlogits = loss_in_box(loss_fn, logits, yb, box, None if flipped is None else flipped[part])
             pending.append(loss)
             if len(pending) == sync_every or b == len(batches) - 1:
                 values = as_numpy(xp.stack(pending)) if len(pending) > 1 else np.array([float(loss)])
@@ -171,13 +186,14 @@ def train_epoch(model, optimizer, x, y, config: TrainConfig, epoch: int) -> tupl
 
 def validate_epoch(model, prep: Prepared, config: TrainConfig, epoch: int) -> tuple[float, float, float]:
     """Validation (loss, pixel accuracy, competition score at threshold 0.5), no dropout; the loss
-    is the one ``epoch`` trains with.
+    is the one ``epoch`` trains with, on the pixels it trains on (``--loss-region``).
 
     Loss and accuracy are at the network's size, against the fitted masks (as Keras would see them);
     the score is on the probabilities brought back to the original size, against the original masks.
     """
     xp = model.xp
     loss_fn = epoch_loss(config, epoch)
+    box = prep.box if config.loss_region == "central" else None
     n = len(prep.x_val)
     probs = xp.zeros(prep.val_truth.shape, dtype=model.dtype)  # (M, H, W); mixed sizes: on the truth's canvas
     loss_sum = xp.zeros((), dtype=xp.float64)
@@ -185,7 +201,7 @@ def validate_epoch(model, prep: Prepared, config: TrainConfig, epoch: int) -> tu
     for start in range(0, n, EVAL_BATCH):
         xb, yb = prep.x_val[start:start + EVAL_BATCH], prep.y_val[start:start + EVAL_BATCH]
         logits = model.forward(xb, train=False)
-        loss, _ = loss_fn(logits, yb)
+        loss, _ = loss_fn(logits, yb) if box is None else loss_in_box(loss_fn, logits, yb, box)
         loss_sum += loss * len(xb)
         acc_sum += pixel_accuracy(logits, yb) * len(xb)
         part = slice(start, start + len(xb))
@@ -220,12 +236,16 @@ def say(message: str = "") -> None:
 def _check_resume(config: TrainConfig, checkpoint, run: Path) -> None:
     """ConfigError unless ``config`` keeps every setting of the run that decides model, split and geometry."""
     saved = config_from_args(checkpoint.meta.get("args"), checkpoint.path)
+
+    def shown(settings: TrainConfig, name: str):  # a setting as the message shows it
+        if name == "augment":
+            return ",".join(settings.augment) or "none"
+        return dropout_rates(settings) if name == "dropout" else getattr(settings, name)
+
     for name in FIXED_ON_RESUME:
-        ours, theirs = getattr(config, name), getattr(saved, name)
-        if (dropout_rates(config) != dropout_rates(saved)) if name == "dropout" else ours != theirs:
-            shown = dropout_rates(config) if name == "dropout" else ours
-            raise ConfigError(f"{flag(name)} {shown} differs from the run being resumed ({name}="
-                              f"{dropout_rates(saved) if name == 'dropout' else theirs} in {checkpoint.path}): "
+        if shown(config, name) != shown(saved, name):
+            raise ConfigError(f"{flag(name)} {shown(config, name)} differs from the run being resumed ({name}="
+                              f"{shown(saved, name)} in {checkpoint.path}): "
                               f"a resumed run keeps its model, split and geometry; drop {flag(name)}, "
                               "or start a new run with another --out")
     if config.out is not None and Path(config.out).resolve() != run.resolve():
@@ -239,6 +259,11 @@ def _setup(config: TrainConfig, run: Path, resume_from):
     path = resolve_data(config, say)
     config = replace(config, data=str(Path(path).resolve()))
     prep = prepare_data(config, path, xp, np.float32)
+    if config.loss_region == "central" and (isinstance(prep.box, list) or isinstance(prep.train_box, list)):
+        # Images of mixed sizes each have a box of their own size: BCE (a mean over pixels) and the per-image
+        # Lovász (a mean over images) would weigh them differently, so no single crop serves every loss.
+        raise ConfigError("--loss-region central takes images of one size: these are of mixed sizes, so each "
+                          "has its own padded border; give --loss-region all")
     if resume_from is not None:
         saved_print = resume_from.meta.get("data", {}).get("fingerprint")
         if saved_print != prep.fingerprint:
@@ -296,6 +321,8 @@ def _describe(config: TrainConfig, run: Path, net: DataParallel, prep: Prepared,
     say(f"split: {len(prep.train_idx)} train" + (flips[config.flip_mode] if config.flip else "")
          + f", {len(prep.val_idx)} validation, stratified by coverage class (seed {config.seed}"
          + (f"; fold {config.fold + 1} of {config.folds})" if config.fold is not None else ")"))
+    if config.augment:
+        say(f"augment: every training batch, redrawn each epoch: {describe(config.augment, (s, s2))}")
     say(f"model: U-Net features={config.features} depth={config.depth} block={config.block} "
          f"dropout={net.config['dropout']}, "
          f"{net.model.count_params():,} parameters; input {h}x{w} -> {s}x{s2} ({config.fit}); "
@@ -308,6 +335,8 @@ def _describe(config: TrainConfig, run: Path, net: DataParallel, prep: Prepared,
              + "; with --data the seed recipe's defaults apply")
     lr_note = "" if lr == config.lr or config.schedule == "cosine" else f" (reduced on plateau from {config.lr:g})"
     losses = config.loss + (f" (epochs 1-{config.loss2_epoch - 1}), then {config.loss2}" if config.loss2 else "")
+    if config.loss_region == "central":
+        losses += f" on the central {prep.box[2]}x{prep.box[3]} pixels only (not the padded border)"
     schedule = (f"lr cosine from {config.lr:g} to {config.min_lr:g} every {config.cycle} epochs, a snapshot at "
                 "each cycle's end" if config.schedule == "cosine" else
                 f"lr x{config.lr_factor} after {config.lr_patience} epochs without improvement (min {config.min_lr})")
@@ -404,7 +433,8 @@ def _train_in(config: TrainConfig, run: Path, resume_from, created: bool, wall_s
                     callbacks["cosine"].on_epoch_begin(epoch)
                 lr = float(optimizer.lr)
                 try:
-                    loss, acc = train_epoch(net, optimizer, prep.x_train, prep.y_train, config, epoch)
+                    loss, acc = train_epoch(net, optimizer, prep.x_train, prep.y_train, config, epoch,
+                                            prep.train_box if config.loss_region == "central" else None)
                     val_loss, val_acc, val_score = validate_epoch(net, prep, config, epoch)
                     if not math.isfinite(val_loss):
                         raise TrainingDiverged(f"the validation loss became {val_loss} after epoch {epoch + 1}")
