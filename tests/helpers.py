@@ -88,14 +88,16 @@ def blas_kernel() -> str | None:
     return kernels[0] if kernels else None
 
 
-def on_reference_kernels(nodeid: str) -> bool:
+def on_reference_kernels(request) -> bool:
     """True when this process already runs the reference kernels (run the test's body here); otherwise runs
-    the test ``nodeid`` in a fresh pytest process under them, asserts that it passed and returns False.
-    Skips where neither is possible (another BLAS, or a CPU without AVX2)."""
+    the test of ``request`` (pytest's fixture) in a fresh pytest process under them, from the same root
+    folder, asserts that it passed and returns False. Skips where neither is possible (another BLAS, or a
+    CPU without AVX2)."""
     import os
     import platform
     import subprocess
     import sys
+    from pathlib import Path
 
     import pytest
 
@@ -103,12 +105,13 @@ def on_reference_kernels(nodeid: str) -> bool:
         return True
     if os.environ.get("OPENBLAS_CORETYPE") == REFERENCE_KERNEL:
         pytest.fail(f"OPENBLAS_CORETYPE={REFERENCE_KERNEL} is set but NumPy's BLAS runs {blas_kernel()}")
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text() if cpuinfo.exists() else ""
     if blas_kernel() is None or platform.machine() != "x86_64" or " avx2 " not in flags:
         pytest.skip(f"the bit-exact reference needs OpenBLAS's {REFERENCE_KERNEL} kernels (x86-64 with AVX2); "
                     f"this machine runs {blas_kernel() or 'another BLAS'}")
     env = {**os.environ, "OPENBLAS_CORETYPE": REFERENCE_KERNEL}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", nodeid], env=env,
-                          capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", request.node.nodeid],
+                          env=env, cwd=request.config.rootpath, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     return False

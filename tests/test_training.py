@@ -463,7 +463,7 @@ SEED_RUN_SHA256 = "accdec9f6823fc9ad7b79abd80d127b14136d6c039080f63030249a9863f0
 def test_the_seed_recipe_trains_bit_identically_to_before_the_redesign(tmp_path, request):
     import hashlib
 
-    if not on_reference_kernels(request.node.nodeid):
+    if not on_reference_kernels(request):
         return  # it ran, and passed, in a process under the reference's BLAS kernels
     run = train(build_config({"data": str(_real_data()), "out": str(tmp_path / "seed"), "limit": 48, "epochs": 2,
                               "threads": 1, "progress": False, "plots": False}))
@@ -478,7 +478,7 @@ def test_a_checkpoint_from_before_the_redesign_predicts_exactly_as_then(request)
     """tests/fixtures/seed_v1_tiny.npz and the probabilities it gave were written by the code of fad8ddf."""
     from tinyunet.models import load_model
 
-    if not on_reference_kernels(request.node.nodeid):
+    if not on_reference_kernels(request):
         return
     model, _ = load_model(Path(__file__).parent / "fixtures" / "seed_v1_tiny.npz")
     saved = np.load(Path(__file__).parent / "fixtures" / "seed_v1_tiny_io.npz")

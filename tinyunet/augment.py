@@ -114,10 +114,7 @@ class Augmentation:
 
     def __init__(self, names: tuple[str, ...], rng: np.random.Generator, n: int, size: tuple[int, int], xp,
                  dtype):
-        unknown = [name for name in names if name not in AUGMENTATIONS]
-        if unknown:
-            raise ValueError(f"unknown augmentation {unknown[0]!r}: choose from {', '.join(AUGMENTATIONS)}")
-        h, w = size
+        h, w = size  # names: some of AUGMENTATIONS, checked by config.validate
         self.moves = None  # (n, 2) int64 on the device: (down, right) pixels
         self.windows = None  # (n, 4) int64 on the host: (top, left, height, width)
         self.gains = None  # (n, 2) of dtype on the device: (contrast c, offset b)
