@@ -452,6 +452,19 @@ def test_recipe_best_names_the_measured_recipe():
     assert build_config({"data": "somewhere"}) == TrainConfig(data="somewhere")  # the seed recipe, untouched
 
 
+def test_recipe_finetune_continues_a_model_with_the_measured_second_stage(tiny_data, tmp_path):
+    with pytest.raises(ConfigError, match="--recipe finetune continues a trained model: give --init"):
+        build_config({"preset": "finetune", "data": "somewhere"})
+    first = train(tiny(tiny_data, tmp_path / "first", epochs=1, block="residual", fit="pad", features=3,
+                       dropout=(0.1, 0.2)))
+    config = build_config({"preset": "finetune", "data": str(tiny_data), "init": str(first / "best.npz"),
+                           "epochs": 8})
+    assert (config.features, config.block, config.fit, config.dropout) == (3, "residual", "pad", (0.1, 0.2))
+    assert (config.loss, config.loss2, config.schedule, config.cycle, config.lr) == ("lovasz", None, "cosine", 4, 2e-4)
+    assert config.augment and config.tta and config.empty_rule and config.monitor == "val_score"
+    assert config.epochs == 8  # flags still override it
+
+
 # The SHA-256 of last.npz's parameters (name, then bytes, in order) after the run below, computed with the
 # code before the block redesign (commit fad8ddf): the redesign must leave the seed recipe's numbers alone.
 # (with OpenBLAS's Haswell kernels: helpers.on_reference_kernels)

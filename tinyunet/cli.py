@@ -142,8 +142,10 @@ def parse_train_args(argv: list[str] | None = None) -> tuple[dict, bool]:
         argument_default=argparse.SUPPRESS,  # only flags actually given reach build_config
         allow_abbrev=False,  # --epoch 3 is an error, not a silent --epochs 3
     )
-    parser.add_argument("--recipe", dest="preset", choices=("seed", "best"), help="the defaults: 'seed', the "
-                        "walkthrough's recipe (0.725 here), or 'best', the measured best of docs/accuracy.md "
+    parser.add_argument("--recipe", dest="preset", choices=("seed", "best", "finetune"), help="the defaults: "
+                        "'seed', the walkthrough's recipe (0.725 here); 'best', the first command of the measured "
+                        "best of docs/accuracy.md, and 'finetune' its second, from the first's model (--init "
+                        "RUN/best.npz: Lovasz, cosine restarts at 2e-4 every 4 epochs, the snapshots averaged) "
                         "(every flag below still overrides them; default: seed, or the quick run when there is "
                         "no data)")
     parser.add_argument("--data", help="folder or zip: a plain DATA/images + DATA/masks pair matched by name, "

@@ -73,8 +73,8 @@ class TrainConfig:
     augment: tuple[str, ...] = ()  # augmentations of every training batch, redrawn each epoch: any of "shift",
     #                                "scale", "brightness" (tinyunet.augment), applied in that order after the mirrors
     limit: int | None = None  # use only this many training images (a random subset by seed)
-    preset: str = "recipe"  # which defaults apply: "recipe" (the seed's), "best" (BEST over them), or "quick"
-    #                         (QUICK, for the built-in synthetic set)
+    preset: str = "recipe"  # which defaults apply: "recipe" (the seed's), "best" (BEST over them), "finetune"
+    #                         (FINETUNE over them, from --init), or "quick" (QUICK, for the built-in synthetic set)
     tta: bool = False  # predict validation (and, recorded in best.npz, test) images also mirrored, averaged
     empty_rule: bool = False  # tune a minimum predicted area on validation; smaller masks become empty
     progress: bool = True  # tqdm bar (it hides itself when the output is not a terminal)
@@ -96,16 +96,26 @@ class TrainConfig:
 QUICK: dict[str, Any] = {"epochs": 13, "input_size": 64, "dropout": (0.0, 0.0, 0.0, 0.0), "flip": False,
                          "patience": 5, "lr_patience": 2}
 
-# The best recipe measured on the real TGS data (docs/accuracy.md; python train.py --recipe best --data DIR):
-# a residual U-Net with BatchNorm at 16 filters, reflect-padded 101 -> 112 instead of resized, random mirrors
-# instead of doubled ones (half the epoch), BCE for 19 epochs and then the per-image Lovász hinge, the best
-# checkpoint by the competition score, flip TTA and the empty-mask rule tuned on validation. Measured: 0.7586
-# on the 640 validation images after 37 epochs (110 min on 2 cores; best epoch 29): the first of the three
-# stages of models/tgs-salt.npz (the other two fine-tune it with --init: docs/accuracy.md).
-BEST: dict[str, Any] = {"block": "residual", "features": 16, "fit": "pad", "flip_mode": "random", "loss": "bce",
-                        "loss2": "lovasz", "loss2_epoch": 20, "monitor": "val_score", "epochs": 37, "patience": 12,
-                        "lr_patience": 6, "tta": True, "empty_rule": True}
-PRESETS = ("recipe", "best", "quick")
+# The best recipe measured on the real TGS data (docs/accuracy.md, session 7), in two commands:
+#   python train.py --data DIR --recipe best --out runs/A
+#   python train.py --data DIR --recipe finetune --init runs/A/best.npz --out runs/B
+# BEST: a residual U-Net with BatchNorm at 16 filters, reflect-padded 101 -> 112 instead of resized, random
+# mirrors (half the seed's epoch), shifts, zooms and brightness/contrast on every batch and no dropout (the
+# network underfits with it), BCE for 11 epochs and then the per-image Lovász hinge, one cosine descent of the
+# LR from 1e-3 to 1e-5 over its 24 epochs, the best checkpoint by the competition score, flip TTA and the
+# empty-mask rule tuned on validation. Measured: 0.7756 on the 640 validation images (48 min on 2 cores).
+BEST: dict[str, Any] = {"block": "residual", "features": 16, "fit": "pad", "flip_mode": "random",
+                        "augment": ("shift", "scale", "brightness"), "dropout": (0.0, 0.0, 0.0, 0.0),
+                        "loss": "bce", "loss2": "lovasz", "loss2_epoch": 12, "monitor": "val_score",
+                        "schedule": "cosine", "cycle": 24, "epochs": 24, "patience": 30,
+                        "tta": True, "empty_rule": True}
+# FINETUNE, the second command, from BEST's best.npz (--init): the Lovász hinge alone, fresh Adam, the LR restarted
+# at 2e-4 every 4 epochs (cosine down to 1e-5; higher restarts threw the score back, docs/accuracy.md rows 9-11),
+# a snapshot at each cycle's end, and the snapshots averaged into ensemble.npz. The network comes from --init.
+FINETUNE: dict[str, Any] = {"flip_mode": "random", "augment": ("shift", "scale", "brightness"), "loss": "lovasz",
+                            "monitor": "val_score", "schedule": "cosine", "cycle": 4, "lr": 2e-4,
+                            "epochs": 16, "patience": 30, "tta": True, "empty_rule": True}
+PRESETS = ("recipe", "best", "finetune", "quick")
 
 REAL_DATA = (Path("data/tgs-salt-identification-challenge.zip"), Path("data/tgs-salt"))  # looked for first
 MIN_AREAS = (0, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 400, 500, 700, 1000)  # empty-mask rule candidates (px)
@@ -163,6 +173,11 @@ def build_config(given: Mapping[str, Any] | None = None) -> TrainConfig:
         given = {**init_settings(given["init"]), **given}
     if given.get("preset") == "best":  # the named recipe, on whatever data
         return replace(TrainConfig(), **{**BEST, **given})
+    if given.get("preset") == "finetune":
+        if not given.get("init"):
+            raise ConfigError("--recipe finetune continues a trained model: give --init with its best.npz, e.g. "
+                              "--init runs/A/best.npz after python train.py --recipe best --out runs/A")
+        return replace(TrainConfig(), **{**FINETUNE, **given})
     if given.get("data") is None:
         real = found_data()
         if real is not None:

@@ -334,7 +334,8 @@ def _describe(config: TrainConfig, run: Path, net: DataParallel, prep: Prepared,
              + (f", overridden by flags: {', '.join(changed)}" if changed else "; flags override them")
              + "; with --data the seed recipe's defaults apply")
     lr_note = "" if lr == config.lr or config.schedule == "cosine" else f" (reduced on plateau from {config.lr:g})"
-    losses = config.loss + (f" (epochs 1-{config.loss2_epoch - 1}), then {config.loss2}" if config.loss2 else "")
+    switch = config.loss2 not in (None, config.loss)  # a second loss equal to the first changes nothing
+    losses = config.loss + (f" (epochs 1-{config.loss2_epoch - 1}), then {config.loss2}" if switch else "")
     if config.loss_region == "central":
         losses += f" on the central {prep.box[2]}x{prep.box[3]} pixels only (not the padded border)"
     schedule = (f"lr cosine from {config.lr:g} to {config.min_lr:g} every {config.cycle} epochs, a snapshot at "
