@@ -21,8 +21,8 @@ from pathlib import Path
 
 from tinyunet.augment import AUG_BRIGHT, AUG_CONTRAST, AUG_SCALE, AUG_SHIFT, AUGMENTATIONS
 from tinyunet.blocks import BLOCKS
-from tinyunet.config import (BEST, FLIP_MODES, LOSS_REGIONS, MONITORS, QUICK, SCHEDULES, ConfigError, TrainConfig,
-                             build_config, flag)
+from tinyunet.config import (BEST, FLIP_MODES, LOSS_REGIONS, MONITORS, NAMED, QUICK, SCHEDULES, ConfigError,
+                             TrainConfig, build_config, flag)
 from tinyunet.losses import LOSSES
 from tinyunet.pipeline import FITS, TILE
 
@@ -142,7 +142,7 @@ def parse_train_args(argv: list[str] | None = None) -> tuple[dict, bool]:
         argument_default=argparse.SUPPRESS,  # only flags actually given reach build_config
         allow_abbrev=False,  # --epoch 3 is an error, not a silent --epochs 3
     )
-    parser.add_argument("--recipe", dest="preset", choices=("seed", "best", "finetune"), help="the defaults: "
+    parser.add_argument("--recipe", dest="preset", choices=("seed", *NAMED), help="the defaults: "
                         "'seed', the walkthrough's recipe (0.725 here); 'best', the first command of the measured "
                         "best of docs/accuracy.md, and 'finetune' its second, from the first's model (--init "
                         "RUN/best.npz: Lovasz, cosine restarts at 2e-4 every 4 epochs, the snapshots averaged) "

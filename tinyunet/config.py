@@ -103,7 +103,7 @@ QUICK: dict[str, Any] = {"epochs": 13, "input_size": 64, "dropout": (0.0, 0.0, 0
 # mirrors (half the seed's epoch), shifts, zooms and brightness/contrast on every batch and no dropout (the
 # network underfits with it), BCE for 11 epochs and then the per-image Lovász hinge, one cosine descent of the
 # LR from 1e-3 to 1e-5 over its 24 epochs, the best checkpoint by the competition score, flip TTA and the
-# empty-mask rule tuned on validation. Measured: 0.7756 on the 640 validation images (48 min on 2 cores).
+# empty-mask rule tuned on validation. Measured: 0.7756 on the 640 validation images (47 min on 2 cores).
 BEST: dict[str, Any] = {"block": "residual", "features": 16, "fit": "pad", "flip_mode": "random",
                         "augment": ("shift", "scale", "brightness"), "dropout": (0.0, 0.0, 0.0, 0.0),
                         "loss": "bce", "loss2": "lovasz", "loss2_epoch": 12, "monitor": "val_score",
@@ -113,10 +113,11 @@ BEST: dict[str, Any] = {"block": "residual", "features": 16, "fit": "pad", "flip
 # at 2e-4 every 4 epochs (cosine down to 1e-5; higher restarts threw the score back, docs/accuracy.md rows 9-11),
 # a snapshot at each cycle's end, and the snapshots averaged into ensemble.npz. The network comes from --init.
 # Measured from BEST's model: 0.7873 on the same 640 images after 16 epochs (36 min; 83 min for both commands).
-FINETUNE: dict[str, Any] = {"flip_mode": "random", "augment": ("shift", "scale", "brightness"), "loss": "lovasz",
-                            "monitor": "val_score", "schedule": "cosine", "cycle": 4, "lr": 2e-4,
-                            "epochs": 16, "patience": 30, "tta": True, "empty_rule": True}
-PRESETS = ("recipe", "best", "finetune", "quick")
+FINETUNE: dict[str, Any] = {**{key: BEST[key] for key in ("flip_mode", "augment", "monitor", "tta", "empty_rule")},
+                            "loss": "lovasz", "schedule": "cosine", "cycle": 4, "lr": 2e-4, "epochs": 16,
+                            "patience": 30}
+NAMED = {"best": BEST, "finetune": FINETUNE}  # the presets that are a set of settings over the seed's, on any data
+PRESETS = ("recipe", *NAMED, "quick")
 
 REAL_DATA = (Path("data/tgs-salt-identification-challenge.zip"), Path("data/tgs-salt"))  # looked for first
 MIN_AREAS = (0, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 400, 500, 700, 1000)  # empty-mask rule candidates (px)
@@ -172,13 +173,11 @@ def build_config(given: Mapping[str, Any] | None = None) -> TrainConfig:
         return replace(saved, **{"out": None, **given})  # the run continues in its own folder
     if given.get("init"):  # fine-tuning: the network is the checkpoint's
         given = {**init_settings(given["init"]), **given}
-    if given.get("preset") == "best":  # the named recipe, on whatever data
-        return replace(TrainConfig(), **{**BEST, **given})
-    if given.get("preset") == "finetune":
-        if not given.get("init"):
-            raise ConfigError("--recipe finetune continues a trained model: give --init with its best.npz, e.g. "
-                              "--init runs/A/best.npz after python train.py --recipe best --out runs/A")
-        return replace(TrainConfig(), **{**FINETUNE, **given})
+    if given.get("preset") == "finetune" and not given.get("init"):
+        raise ConfigError("--recipe finetune continues a trained model: give --init with its best.npz, e.g. "
+                          "--init runs/A/best.npz after python train.py --recipe best --out runs/A")
+    if given.get("preset") in NAMED:  # the named recipe, on whatever data
+        return replace(TrainConfig(), **{**NAMED[given["preset"]], **given})
     if given.get("data") is None:
         real = found_data()
         if real is not None:
