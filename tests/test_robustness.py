@@ -53,9 +53,19 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTH
 
 
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
-    """Every file under ``folder``: relative path -> (bytes, mtime in ns)."""
-    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file under ``folder``: relative path -> (bytes, mtime in ns).
+
+    The folder may belong to a live training: a temporary file listed here can be renamed over its
+    target before it is read, so a file gone by then is left out (it was never one of the saved files).
+    """
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        try:
+            with open(path, "rb") as f:
+                files[str(path.relative_to(folder))] = (f.read(), os.fstat(f.fileno()).st_mtime_ns)
+        except (FileNotFoundError, IsADirectoryError):
+            continue
+    return files
 
 
 def same_params(a: Path, b: Path) -> None:
