@@ -1,17 +1,26 @@
 """The model shipped in the repository, models/tgs-salt.npz: loadable by the safe loader, complete (every
 member, the threshold, TTA and the empty-mask rule predict.py applies), under the issue's 20 MB, and
-predicting on images of the competition's size. Its score (0.8014 on the 640 validation images) is measured
-in docs/accuracy.md, not here: that needs all 640 real images and about a minute."""
+predicting on images of the competition's size, and scoring on real validation images what
+docs/accuracy.md says. Its full score (0.8014 on the 640 validation images) is measured there; here every
+8th of them, with the real data beside the repository (../shared/data/tgs-salt or $TINYUNET_TGS_DATA)."""
 
+import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from tinyunet.config import MIN_AREAS
+from tinyunet.config import MIN_AREAS, config_from_args
+from tinyunet.evaluation import evaluate
 from tinyunet.models import for_inference, load_model
 from tinyunet.pipeline import probabilities
+from tinyunet.prepare import load_split
 
 SHIPPED = Path(__file__).resolve().parent.parent / "models" / "tgs-salt.npz"
+# measured (session 8): 0.8800 on those 80 images at the shipped threshold 0.347 and min area 30 (the whole 640:
+# 0.8014); an all-empty prediction scores 0.44 there (35 of them are empty). The margin allows another CPU's BLAS rounding.
+SUBSET_SCORE = 0.88
+TGS = Path(os.environ.get("TINYUNET_TGS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "tgs-salt"))
 
 
 def test_the_shipped_model_holds_everything_predict_needs():
@@ -25,3 +34,17 @@ def test_the_shipped_model_holds_everything_predict_needs():
     probs = np.asarray(probabilities(for_inference(model, threads=1), images, meta["fit"], 0, tta=meta["tta"]))
     assert probs.shape == (2, 101, 101) and probs.dtype == np.float32
     assert np.all((probs >= 0) & (probs <= 1))
+
+
+@pytest.mark.skipif(not (TGS / "train.csv").is_file(), reason=f"the real TGS data is not at {TGS}")
+def test_the_shipped_model_scores_on_its_own_validation_images():
+    """Every 8th of the 640 validation images of the split it was tuned on, at its own threshold,
+    minimum area and TTA: the model segments salt, not just loads (80 images, about 10 s on 2 cores)."""
+    model, ckpt = load_model(SHIPPED)
+    meta = ckpt.meta
+    split = load_split(config_from_args(meta["args"], SHIPPED), TGS)
+    assert split.fingerprint == meta["data"]["fingerprint"] and len(split.val_idx) == 640
+    chosen = split.val_idx[::8]
+    probs = np.asarray(probabilities(for_inference(model), split.images[chosen], meta["fit"], 0, tta=meta["tta"]))
+    report = evaluate(split.masks[chosen] > 0.5, probs, threshold=meta["best_threshold"], min_area=meta["min_area"])
+    assert report.score >= SUBSET_SCORE - 0.01, report.format()
