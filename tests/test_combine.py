@@ -38,10 +38,12 @@ def test_an_ensemble_of_a_model_and_two_snapshots_is_tuned_on_their_validation_s
                           tta=True, empty_rule=True, threads=1)
     said = capsys.readouterr().out
     assert said.count("member ") == 3 and "ensemble of 3" in said
+    assert said.count("(epoch 1)") == 2 and said.count("(epoch 2)") == 1
     ensemble, ckpt = load_model(path)
     assert isinstance(ensemble, Ensemble) and [m.config["features"] for m in ensemble.members] == [2, 3, 3]
     meta = ckpt.meta
     assert meta["val_score"] == score and meta["tta"] is True and len(meta["combined_from"]) == 2
+    assert meta["member_epochs"] == [1, 1, 2] and "epoch" not in meta  # the cosine run's members kept theirs
     # the score is the competition score of the members' mean TTA probability at the stored threshold and area
     split = load_split(build_config({"data": str(tiny_data), **TINY}), tiny_data)
     images, truth = take(split.images, split.val_idx), take(split.masks, split.val_idx) > 0.5

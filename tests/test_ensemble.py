@@ -39,8 +39,10 @@ def test_an_ensemble_forward_is_the_logit_of_its_members_mean_probability():
 
 def test_predict_with_an_ensemble_applies_its_tta_threshold_and_empty_rule(cosine_run, tiny_data, tmp_path):
     model, ckpt = load_model(cosine_run / "ensemble.npz")
-    out = tmp_path / "sub"
-    result = predict(model=cosine_run / "ensemble.npz", data=tiny_data, out=out, progress=False, log=lambda m: None)
+    assert ckpt.meta["member_epochs"] == [2, 4] and "epoch" not in ckpt.meta  # no one epoch is the ensemble's
+    out, said = tmp_path / "sub", []
+    result = predict(model=cosine_run / "ensemble.npz", data=tiny_data, out=out, progress=False, log=said.append)
+    assert "an ensemble of 2 (epochs 2, 4)" in said[0] and ", epoch " not in said[0]
     from tinyunet.data import load_test
 
     ids, images = load_test(tiny_data)

@@ -9,8 +9,8 @@ and many alike.
 
 In a checkpoint file each member's arrays are stored under ``m<k>/`` (``param/m0/enc1.conv1.W``,
 ``buffer/m1/enc1.bn1.moving_mean``, ...), and ``meta["members"]`` lists each member's model settings
-(``meta["model"]``) in order; the rest of the metadata (threshold, minimum area, TTA, geometry) is
-the ensemble's own.
+(``meta["model"]``) in order and ``meta["member_epochs"]`` the epoch each was saved at; the rest of
+the metadata (threshold, minimum area, TTA, geometry) is the ensemble's own, with no ``epoch`` of its own.
 """
 
 from __future__ import annotations
@@ -69,25 +69,32 @@ def member_prefix(k: int) -> str:
 
 def save_ensemble(path: str | os.PathLike, members: list[Checkpoint], meta: dict) -> Path:
     """One checkpoint holding every member's parameters and buffers, and ``meta`` with ``members``
-    (each member's ``meta["model"]``)."""
+    (each member's ``meta["model"]``) and ``member_epochs``; an ``epoch`` in ``meta`` (one member's) is
+    left out."""
     params, buffers = {}, {}
     for k, member in enumerate(members):
         for store, arrays in ((params, member.params), (buffers, member.buffers)):
             for name, value in arrays.items():
                 store[member_prefix(k) + name] = value
-    meta = {**meta, "members": [dict(member.meta["model"]) for member in members]}
+    meta = {**{key: value for key, value in meta.items() if key != "epoch"},
+            "members": [dict(member.meta["model"]) for member in members],
+            "member_epochs": [member.meta.get("epoch") for member in members]}
     return save_checkpoint(path, params, meta, buffers=buffers)
 
 
 def split_members(ckpt: Checkpoint) -> list[Checkpoint]:
-    """The members of an ensemble checkpoint, each as a Checkpoint of its own (arrays not copied)."""
+    """The members of an ensemble checkpoint, each as a Checkpoint of its own (arrays not copied), with
+    its epoch where the file records it (ensembles written before ``member_epochs`` do not)."""
     out = []
-    for k, config in enumerate(ckpt.meta["members"]):
+    epochs = ckpt.meta.get("member_epochs") or [None] * len(ckpt.meta["members"])
+    for k, (config, epoch) in enumerate(zip(ckpt.meta["members"], epochs)):
         prefix = member_prefix(k)
 
         def take(arrays):
             return {name[len(prefix):]: a for name, a in arrays.items() if name.startswith(prefix)}
 
         out.append(Checkpoint(path=ckpt.path, params=take(ckpt.params), buffers=take(ckpt.buffers),
-                              meta={**ckpt.meta, "model": config}, optimizer_state=None))
+                              meta={**{key: value for key, value in ckpt.meta.items() if key != "epoch"},
+                                    "model": config, **({"epoch": epoch} if epoch is not None else {})},
+                              optimizer_state=None))
     return out

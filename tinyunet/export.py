@@ -11,8 +11,8 @@ the network computes in float32 as trained: only the weights are rounded.
 
 ``--member K`` writes the K-th model (from 1) of an ensemble file alone, e.g. to fine-tune it with
 ``train.py --init``; it keeps the ensemble's threshold and post-processing (tuned for the mean of all
-members, not for this one: ``python -m tinyunet.combine`` on the one file tunes its own) and drops the
-ensemble's validation score and epoch (its first member's).
+members, not for this one: ``python -m tinyunet.combine`` on the one file tunes its own), drops the
+ensemble's validation score and keeps the member's own epoch where the file records it.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def _member(ckpt, k: int):
         raise CheckpointError(f"--member {k} is out of range: {ckpt.path} is an ensemble of {count} models "
                               f"(give 1 to {count})")
     one = split_members(ckpt)[k - 1]
-    meta = {key: value for key, value in one.meta.items() if key not in ("members", "val_score", "epoch")}
+    meta = {key: value for key, value in one.meta.items() if key not in ("members", "member_epochs", "val_score")}
     one.meta = {**meta, "member": {"of": str(ckpt.path), "index": k, "count": count}}
     return one
 

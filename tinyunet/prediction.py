@@ -306,10 +306,14 @@ def predict(
         raise PredictError(f"{model_path} records no training settings (meta 'args'), so its split cannot be "
                            "rebuilt: use --evaluate all")
 
-    members = f", an ensemble of {len(net.members)}" if isinstance(net, Ensemble) else ""
-    log(f"model: {model_path} (features={net.config['features']}, depth={net.config['depth']}{members}, "
-        f"{net.config.get('in_channels', 1)} channel(s), {_geometry(meta, net.config['depth'])}, "
-        f"epoch {meta.get('epoch', '?')}, {'GPU (CuPy)' if gpu else f'CPU (NumPy), {net.threads} thread(s)'})")
+    if isinstance(net, Ensemble):  # its members' epochs, where the file records them
+        epochs = [str(e) for e in meta.get("member_epochs") or [] if e is not None]
+        members = f", an ensemble of {len(net.members)}" + (f" (epochs {', '.join(epochs)})" if epochs else "")
+    else:
+        members = f", epoch {meta.get('epoch', '?')}"
+    log(f"model: {model_path} (features={net.config['features']}, depth={net.config['depth']}, "
+        f"{net.config.get('in_channels', 1)} channel(s), {_geometry(meta, net.config['depth'])}{members}, "
+        f"{'GPU (CuPy)' if gpu else f'CPU (NumPy), {net.threads} thread(s)'})")
     if source == "default":
         log(f"note: the checkpoint records no best threshold; using {DEFAULT_THRESHOLD} "
             "(pass --threshold to choose)")
