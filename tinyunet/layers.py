@@ -411,6 +411,10 @@ class BatchNormalization:
         dgamma = sum dout * xhat      dbeta = sum dout
         dx     = gamma / sqrt(var + epsilon) * (dout - (dbeta + xhat * dgamma) / M)
 
+    Every op with a per-channel vector runs on image lines, (N*H, W*C) with the vector tiled W times:
+    NumPy applies a vector as short as C = 16 to every one of M rows about 2x slower (0.43 against
+    0.22 ms on a 4-image 112x112x16 shard); the values are the same, element for element.
+
     ``updates_moving = False`` normalises with the batch but leaves the moving statistics alone: the
     data-parallel replicas (:mod:`tinyunet.parallel`) share the model's buffers and only the model
     itself, shard 0, updates them, as PyTorch's DataParallel keeps device 0's.
@@ -432,29 +436,31 @@ class BatchNormalization:
     def forward(self, x, train: bool = False):
         xp = get_array_module(x)
         gamma, beta = self.params["gamma"], self.params["beta"]
-        rows = x.reshape(-1, x.shape[3])  # (M, C), M = N*H*W
+        n, h, w, c = x.shape
+        rows = x.reshape(-1, c)  # (M, C), M = N*H*W
+        lines = rows.reshape(-1, w * c)  # (N*H, W*C), a view: every op with a (C,) vector runs on these
         one = x.dtype.type(1)
         self.train = train
         if not train:
             self.x = x
             scale, shift = self.inference_affine()  # (C,) each
-            return (rows * scale + shift).reshape(x.shape)
+            return (lines * xp.tile(scale, w) + xp.tile(shift, w)).reshape(x.shape)
         inv_m = one / x.dtype.type(len(rows))
         mean = column_sums(rows) * inv_m  # (C,)
-        centred = rows - mean  # (M, C)
-        out = centred * centred  # (M, C): the squares, then (below) the output
-        var = column_sums(out) * inv_m  # (C,) biased, as Keras normalises
+        centred = lines - xp.tile(mean, w)  # (N*H, W*C)
+        out = centred * centred  # (N*H, W*C): the squares, then (below) the output
+        var = column_sums(out.reshape(-1, c)) * inv_m  # (C,) biased, as Keras normalises
         self.inv_std = one / xp.sqrt(var + x.dtype.type(self.epsilon))
-        self.xhat = centred
-        self.xhat *= self.inv_std  # in place: the centred rows become xhat
+        centred *= xp.tile(self.inv_std, w)  # in place: the centred values become xhat
+        self.xhat = centred.reshape(-1, c)  # (M, C)
         if self.updates_moving:
             m = x.dtype.type(self.momentum)
             for name, batch in (("moving_mean", mean), ("moving_variance", var)):
                 moving = self.buffers[name]
                 moving *= m
                 moving += (one - m) * batch
-        xp.multiply(self.xhat, gamma, out=out)
-        out += beta  # gamma * xhat + beta, in the squares' buffer
+        xp.multiply(centred, xp.tile(gamma, w), out=out)
+        out += xp.tile(beta, w)  # gamma * xhat + beta, in the squares' buffer
         return out.reshape(x.shape)
 
     def inference_affine(self):
@@ -468,7 +474,9 @@ class BatchNormalization:
         return variance.dtype.type(1) / get_array_module(variance).sqrt(variance + variance.dtype.type(self.epsilon))
 
     def backward(self, dout):
-        drows = dout.reshape(-1, dout.shape[3])  # (M, C)
+        xp = get_array_module(dout)
+        w, c = dout.shape[2], dout.shape[3]
+        drows = dout.reshape(-1, c)  # (M, C)
         if not self.train:  # after an inference forward (study mode): an affine map, statistics fixed
             inv_std = self._moving_inv_std()
             xhat = (self.x.reshape(drows.shape) - self.buffers["moving_mean"]) * inv_std
@@ -481,10 +489,11 @@ class BatchNormalization:
         dgamma = column_sums(dx)  # (C,)
         self.grads["beta"][...] = dbeta
         self.grads["gamma"][...] = dgamma
-        get_array_module(dout).multiply(self.xhat, dgamma * inv_m, out=dx)
-        dx += dbeta * inv_m
-        get_array_module(dout).subtract(drows, dx, out=dx)  # dout - (xhat * dgamma + dbeta) / M
-        dx *= self.params["gamma"] * self.inv_std
+        lines = dx.reshape(-1, w * c)  # (N*H, W*C) views, as in the forward
+        xp.multiply(self.xhat.reshape(lines.shape), xp.tile(dgamma * inv_m, w), out=lines)
+        lines += xp.tile(dbeta * inv_m, w)
+        xp.subtract(drows.reshape(lines.shape), lines, out=lines)  # dout - (xhat * dgamma + dbeta) / M
+        lines *= xp.tile(self.params["gamma"] * self.inv_std, w)
         return dx.reshape(dout.shape)
 
     # --- study mode: shape and cost from the input shape alone (UNet.summary, tinyunet.inspect) ---
