@@ -38,6 +38,7 @@ def test_an_ensemble_of_a_model_and_two_snapshots_is_tuned_on_their_validation_s
                           tta=True, empty_rule=True, threads=1)
     said = capsys.readouterr().out
     assert said.count("member ") == 3 and "ensemble of 3" in said
+    assert said.splitlines()[0].startswith("scoring 3 model(s) on the ")  # before the first model is scored
     assert said.count("(epoch 1)") == 2 and said.count("(epoch 2)") == 1
     ensemble, ckpt = load_model(path)
     assert isinstance(ensemble, Ensemble) and [m.config["features"] for m in ensemble.members] == [2, 3, 3]

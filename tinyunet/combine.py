@@ -93,6 +93,8 @@ def combine(paths: list[str], out: str, tta: bool | None = None, empty_rule: boo
     images = take(split.images, split.val_idx)
     truth = canvas(take(split.masks, split.val_idx)) > 0.5  # (M, H, W); mixed sizes on one canvas
     fit, size = first.meta["fit"], first.meta.get("input_size", 0)
+    say(f"scoring {len(members)} model(s) on the {len(split.val_idx)} validation images of {config.data}"
+        f"{' with flip TTA' if config.tta else ''}, one after another")  # said before the slow part
 
     member_probs = []
     for model, ckpt in members:  # each member's validation probabilities (M, H, W), scored alone
