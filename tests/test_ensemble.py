@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tinyunet.ensemble import Ensemble
+from tinyunet.checkpoint import load_checkpoint
+from tinyunet.ensemble import Ensemble, split_members
 from tinyunet.layers import sigmoid
 from tinyunet.metrics import drop_small
 from tinyunet.models import load_model
@@ -55,3 +56,14 @@ def test_predict_with_an_ensemble_applies_its_tta_threshold_and_empty_rule(cosin
     report = predict(model=cosine_run / "ensemble.npz", data=tiny_data, out=tmp_path / "eval.csv", evaluate=True,
                      progress=False, log=lambda m: None).report
     assert report.threshold == ckpt.meta["best_threshold"]
+
+
+def test_split_members_keeps_every_member_whatever_member_epochs_records(cosine_run):
+    """An ensemble file's member_epochs is data: a file written before it existed, or with it cut short,
+    still gives every member, with the epochs it does record."""
+    ckpt = load_checkpoint(cosine_run / "ensemble.npz")
+    assert [m.meta["epoch"] for m in split_members(ckpt)] == [2, 4]
+    for recorded, expected in (([2], [2, None]), (None, [None, None])):
+        ckpt.meta["member_epochs"] = recorded
+        members = split_members(ckpt)
+        assert len(members) == 2 and [m.meta.get("epoch") for m in members] == expected

@@ -32,7 +32,6 @@ from tinyunet.training import EVAL_BATCH, tune_postprocessing
 from tinyunet.transforms import canvas, take
 
 SHARED = ("fit", "input_size")  # how images meet every member: one geometry for the whole ensemble
-DROPPED = ("history", "callbacks", "model", "members", "threshold_sweep")  # one member's own metadata
 
 
 def _members(paths: list[str]) -> list[tuple]:
@@ -105,11 +104,10 @@ def combine(paths: list[str], out: str, tta: bool | None = None, empty_rule: boo
         say(f"member {len(member_probs)}: {ckpt.path} (epoch {ckpt.meta.get('epoch', '?')}): validation score "
             f"{score:.4f} at threshold {threshold:.3f}, min area {min_area}")
     min_area, threshold, score, _, _ = tune_postprocessing(truth, mean_probability(member_probs), config)
-    shared = {key: value for key, value in first.meta.items() if key not in DROPPED}
     as_float32 = [replace(ckpt, params={k: a.astype(np.float32) for k, a in ckpt.params.items()},
                           buffers={k: a.astype(np.float32) for k, a in ckpt.buffers.items()})
                   for ckpt in checkpoints]  # one dtype for the file, whatever each member was stored as
-    path = save_ensemble(out, as_float32, {**shared, "best_threshold": threshold, "val_score": score,
+    path = save_ensemble(out, as_float32, {**first.meta, "best_threshold": threshold, "val_score": score,
                                            "min_area": min_area, "tta": config.tta,
                                            "combined_from": [str(p) for p in paths]})
     say(f"ensemble of {len(members)}: validation score {score:.4f} at threshold {threshold:.3f}, min area "

@@ -67,16 +67,20 @@ def member_prefix(k: int) -> str:
     return f"m{k}/"
 
 
+# one model's own metadata, never an ensemble's: its history, counters, settings, threshold sweep and epoch
+MEMBER_ONLY = ("history", "callbacks", "model", "members", "member_epochs", "threshold_sweep", "epoch")
+
+
 def save_ensemble(path: str | os.PathLike, members: list[Checkpoint], meta: dict) -> Path:
     """One checkpoint holding every member's parameters and buffers, and ``meta`` with ``members``
-    (each member's ``meta["model"]``) and ``member_epochs``; an ``epoch`` in ``meta`` (one member's) is
-    left out."""
+    (each member's ``meta["model"]``) and ``member_epochs``; the keys of :data:`MEMBER_ONLY` in ``meta``
+    (callers pass one member's metadata with the ensemble's threshold and scores over it) are left out."""
     params, buffers = {}, {}
     for k, member in enumerate(members):
         for store, arrays in ((params, member.params), (buffers, member.buffers)):
             for name, value in arrays.items():
                 store[member_prefix(k) + name] = value
-    meta = {**{key: value for key, value in meta.items() if key != "epoch"},
+    meta = {**{key: value for key, value in meta.items() if key not in MEMBER_ONLY},
             "members": [dict(member.meta["model"]) for member in members],
             "member_epochs": [member.meta.get("epoch") for member in members]}
     return save_checkpoint(path, params, meta, buffers=buffers)
@@ -86,9 +90,10 @@ def split_members(ckpt: Checkpoint) -> list[Checkpoint]:
     """The members of an ensemble checkpoint, each as a Checkpoint of its own (arrays not copied), with
     its epoch where the file records it (ensembles written before ``member_epochs`` do not)."""
     out = []
-    epochs = ckpt.meta.get("member_epochs") or [None] * len(ckpt.meta["members"])
-    for k, (config, epoch) in enumerate(zip(ckpt.meta["members"], epochs)):
+    epochs = ckpt.meta.get("member_epochs") or []
+    for k, config in enumerate(ckpt.meta["members"]):
         prefix = member_prefix(k)
+        epoch = epochs[k] if k < len(epochs) else None
 
         def take(arrays):
             return {name[len(prefix):]: a for name, a in arrays.items() if name.startswith(prefix)}

@@ -73,9 +73,8 @@ def train_folds(config: TrainConfig) -> Path:
     oof = canvas(as_stack([oof[i] for i in order]))  # (N, H, W), every image once
     truth = canvas(take(split.masks, order)) > 0.5
     min_area, threshold, score, _, _ = tune_postprocessing(truth, oof, config)
-    shared = {key: value for key, value in members[0].meta.items() if key not in ("history", "callbacks", "model")}
     cv = {"folds": config.folds, "fold_scores": scores, "cv_score": score}
-    save_ensemble(root / "ensemble.npz", members, {**shared, "best_threshold": threshold, "val_score": score,
+    save_ensemble(root / "ensemble.npz", members, {**members[0].meta, "best_threshold": threshold, "val_score": score,
                                                    "min_area": min_area, "tta": config.tta, "cv": cv})
     (root / "cv.json").write_text(json.dumps({**cv, "best_threshold": threshold, "min_area": min_area}, indent=2))
     say(f"cross-validation over {config.folds} folds: out-of-fold competition score {score:.4f} at threshold "

@@ -308,11 +308,11 @@ def predict(
 
     if isinstance(net, Ensemble):  # its members' epochs, where the file records them
         epochs = [str(e) for e in meta.get("member_epochs") or [] if e is not None]
-        members = f", an ensemble of {len(net.members)}" + (f" (epochs {', '.join(epochs)})" if epochs else "")
+        trained = f"an ensemble of {len(net.members)}" + (f" (epochs {', '.join(epochs)})" if epochs else "")
     else:
-        members = f", epoch {meta.get('epoch', '?')}"
+        trained = f"epoch {meta.get('epoch', '?')}"
     log(f"model: {model_path} (features={net.config['features']}, depth={net.config['depth']}, "
-        f"{net.config.get('in_channels', 1)} channel(s), {_geometry(meta, net.config['depth'])}{members}, "
+        f"{net.config.get('in_channels', 1)} channel(s), {_geometry(meta, net.config['depth'])}, {trained}, "
         f"{'GPU (CuPy)' if gpu else f'CPU (NumPy), {net.threads} thread(s)'})")
     if source == "default":
         log(f"note: the checkpoint records no best threshold; using {DEFAULT_THRESHOLD} "

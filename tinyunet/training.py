@@ -540,9 +540,8 @@ def finish(model, prep: Prepared, config: TrainConfig, run: Path, history: list[
         members = [load_checkpoint(path) for path in snapshots]
         mean = mean_probability(predict_val(member) for member in members)
         min_area, threshold, score, _, _ = tune_postprocessing(prep.val_truth, mean, config)
-        shared = {k: v for k, v in members[-1].meta.items() if k not in ("history", "callbacks", "model")}
-        save_ensemble(run / "ensemble.npz", members, {**shared, "best_threshold": threshold, "val_score": score,
-                                                      "min_area": min_area, "tta": config.tta})
+        save_ensemble(run / "ensemble.npz", members, {**members[-1].meta, "best_threshold": threshold,
+                                                      "val_score": score, "min_area": min_area, "tta": config.tta})
         say(f"ensemble of {len(members)} snapshots ({', '.join(p.name for p in snapshots)}): validation score "
              f"{score:.4f} at threshold {threshold:.3f}, min area {min_area}; saved {run / 'ensemble.npz'}")
 
