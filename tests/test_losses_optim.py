@@ -95,6 +95,24 @@ def test_adam_state_dict_resumes_exactly(xp, rng):
     np.testing.assert_array_equal(as_numpy(resumed["w"]), as_numpy(straight["w"]))
 
 
+def test_adam_reset_makes_the_next_steps_those_of_a_new_adam(xp, rng):
+    grads = [{"w": as_array(rng.standard_normal(5), xp)} for _ in range(7)]
+    used = {"w": as_array(rng.standard_normal(5), xp)}
+    opt = Adam(used, lr=0.05)
+    for g in grads[:3]:
+        opt.step(g)
+    fresh_start = {"w": as_array(as_numpy(used["w"]).copy(), xp)}
+    moments = opt.m["w"], opt.v["w"]
+    opt.reset()
+    assert opt.t == 0 and opt.lr == 0.05 and opt.m["w"] is moments[0] and opt.v["w"] is moments[1]  # in place
+    fresh = Adam(fresh_start, lr=0.05)
+    for g in grads[3:]:
+        opt.step(g)
+        fresh.step(g)
+    np.testing.assert_array_equal(as_numpy(used["w"]), as_numpy(fresh_start["w"]))
+    assert opt.t == fresh.t == 4
+
+
 def test_adam_lr_change_takes_effect_and_minimises():
     params = {"w": np.array([5.0, -3.0])}
     opt = Adam(params, lr=0.1)

@@ -425,6 +425,28 @@ def test_cosine_restarts_save_snapshots_and_their_tuned_ensemble(tiny_data, tmp_
     np.testing.assert_allclose(sigmoid(ensemble.forward(x)), mean, rtol=1e-5, atol=1e-6)
 
 
+def test_restart_optimizer_resets_adam_at_each_restart_and_resumes_bit_identically(tiny_data, tmp_path, capsys):
+    cosine = {"epochs": 4, "schedule": "cosine", "cycle": 2, "lr": 1e-2, "min_lr": 1e-4, "patience": 10}
+    plain = train(tiny(tiny_data, tmp_path / "plain", **cosine))
+    straight = train(tiny(tiny_data, tmp_path / "straight", restart_optimizer=True, **cosine))
+    assert "Adam reset at each restart" in capsys.readouterr().out
+    steps = load_checkpoint(plain / "last.npz").optimizer_state["t"]
+    assert steps % 4 == 0 and load_checkpoint(straight / "last.npz").optimizer_state["t"] == steps // 2
+    # the first cycle is the plain run's, bit for bit; the second starts from a new Adam
+    assert_same_arrays(params_of(plain / "snapshot01.npz"), params_of(straight / "snapshot01.npz"))
+    assert not np.array_equal(params_of(plain / "last.npz")["head.W"], params_of(straight / "last.npz")["head.W"])
+    # stopped at the restart, resumed: the reset happens in the resumed run, and nothing differs
+    half = train(tiny(tiny_data, tmp_path / "half", restart_optimizer=True, **{**cosine, "epochs": 2}))
+    train(build_config({"resume": str(half), "epochs": 4}))
+    a, b = load_checkpoint(straight / "last.npz"), load_checkpoint(half / "last.npz")
+    assert_same_arrays(a.params, b.params)
+    for key in ("m", "v"):
+        assert_same_arrays(a.optimizer_state[key], b.optimizer_state[key])
+    assert a.optimizer_state["t"] == b.optimizer_state["t"]
+    with pytest.raises(ConfigError, match=r"^--restart-optimizer needs --schedule cosine"):
+        validate(replace_tiny(tmp_path, restart_optimizer=True))
+
+
 def test_the_empty_rule_and_tta_are_tuned_on_validation(tiny_data, tmp_path):
     """best.npz records the minimum area and threshold that score the (TTA) validation probabilities best."""
     from tinyunet.metrics import competition_score, drop_small

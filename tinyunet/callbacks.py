@@ -249,23 +249,29 @@ class CosineAnnealing:
 
     Every cycle of ``cycle`` epochs starts at ``max_lr`` and ends just above ``min_lr``, where the
     weights settle in a minimum worth keeping: :meth:`on_epoch_end` returns True at the last epoch
-    of each cycle, when the loop saves a snapshot (an ensemble member). The rate is a function of the
-    epoch alone, so the state to resume is empty.
+    of each cycle, when the loop saves a snapshot (an ensemble member). With ``restart_optimizer``
+    every restart after the first cycle also resets the optimizer (Adam's moments and step count), so
+    each cycle starts as a fine-tuning run from the last snapshot would. The rate and the reset are
+    functions of the epoch alone, so the state to resume is empty.
     """
 
-    def __init__(self, optimizer: HasLearningRate, max_lr: float, cycle: int, min_lr: float = 1e-5):
+    def __init__(self, optimizer: HasLearningRate, max_lr: float, cycle: int, min_lr: float = 1e-5,
+                 restart_optimizer: bool = False):
         if cycle < 1:
             raise ValueError(f"cycle must be at least 1 epoch, got {cycle}")
         if not 0 <= min_lr <= max_lr:
             raise ValueError(f"need 0 <= min_lr <= max_lr, got min_lr={min_lr}, max_lr={max_lr}")
         self.optimizer = optimizer
         self.max_lr, self.min_lr, self.cycle = max_lr, min_lr, cycle
+        self.restart_optimizer = restart_optimizer  # optimizer.reset() at each restart (epoch k * cycle, k >= 1)
 
     def lr_at(self, epoch: int) -> float:
         t = (epoch % self.cycle) / self.cycle  # in [0, 1)
         return self.min_lr + (self.max_lr - self.min_lr) * (1 + math.cos(math.pi * t)) / 2
 
     def on_epoch_begin(self, epoch: int) -> None:
+        if self.restart_optimizer and epoch > 0 and epoch % self.cycle == 0:
+            self.optimizer.reset()
         self.optimizer.lr = self.lr_at(epoch)
 
     def on_epoch_end(self, epoch: int, logs: dict) -> bool:

@@ -67,6 +67,8 @@ class TrainConfig:
     min_lr: float = 1e-5
     schedule: str = "plateau"  # "plateau": x lr_factor after lr_patience flat epochs; "cosine": warm restarts
     cycle: int = 10  # epochs per cosine cycle; the end of each saves snapshot<k>.npz, an ensemble member
+    restart_optimizer: bool = False  # with schedule="cosine": Adam's moments and step count start afresh at
+    #                                  every restart, as in a new fine-tuning run from the last snapshot
     flip: bool = True  # left-right mirrors of the training images, as flip_mode says
     flip_mode: str = "double"  # "double": every mirror appended (the seed); "random": each image mirrored
     #                            with probability 1/2 in every epoch's batches (half the epoch's cost)
@@ -290,6 +292,9 @@ def validate(config: TrainConfig) -> None:
                           "network input is the image's, there is no padded border to leave out")
     need(config.schedule in SCHEDULES, "schedule", f"choose one of {', '.join(SCHEDULES)}")
     need(_is_int(config.cycle) and config.cycle >= 1, "cycle", "it must be a whole number >= 1")
+    if config.restart_optimizer and config.schedule != "cosine":
+        raise ConfigError(f"--restart-optimizer needs --schedule cosine: with --schedule {config.schedule} there "
+                          "are no restarts to reset Adam at")
     need(_is_int(config.folds) and 1 <= config.folds <= 20, "folds", "it must be a whole number from 1 (no "
          "cross-validation) to 20")
     need(config.fold is None or (_is_int(config.fold) and 0 <= config.fold < config.folds), "fold",

@@ -46,6 +46,14 @@ class Adam:
             v += (1 - b2) * (g * g)
             p -= step_size * m / (xp.sqrt(v) + self.epsilon)
 
+    def reset(self) -> None:
+        """Forget both moments and the step count: the next step is the first of a new Adam (warm restarts
+        with --restart-optimizer). The arrays are zeroed in place; the learning rate is left as it is."""
+        self.t = 0
+        for moments in (self.m, self.v):
+            for moment in moments.values():
+                moment[...] = 0
+
     def state_dict(self) -> dict:
         """Everything needed to continue exactly: hyper-parameters, step count and both moments."""
         return {"lr": self.lr, "beta_1": self.beta_1, "beta_2": self.beta_2, "epsilon": self.epsilon,

@@ -338,8 +338,9 @@ def _describe(config: TrainConfig, run: Path, net: DataParallel, prep: Prepared,
     losses = config.loss + (f" (epochs 1-{config.loss2_epoch - 1}), then {config.loss2}" if switch else "")
     if config.loss_region == "central":
         losses += f" on the central {prep.box[2]}x{prep.box[3]} pixels only (not the padded border)"
+    reset = ", Adam reset at each restart" if config.restart_optimizer else ""
     schedule = (f"lr cosine from {config.lr:g} to {config.min_lr:g} every {config.cycle} epochs, a snapshot at "
-                "each cycle's end" if config.schedule == "cosine" else
+                f"each cycle's end{reset}" if config.schedule == "cosine" else
                 f"lr x{config.lr_factor} after {config.lr_patience} epochs without improvement (min {config.min_lr})")
     say(f"training: epochs={config.epochs} batch_size={config.batch_size} lr={lr:g}{lr_note}; loss {losses}; "
          f"early stopping patience {config.patience} on {config.monitor}; {schedule}")
@@ -406,7 +407,8 @@ def _train_in(config: TrainConfig, run: Path, resume_from, created: bool, wall_s
         "model_checkpoint": ModelCheckpoint(save_best, monitor=config.monitor, mode=MONITORS[config.monitor]),
     }
     if config.schedule == "cosine":
-        callbacks["cosine"] = CosineAnnealing(optimizer, config.lr, config.cycle, config.min_lr)
+        callbacks["cosine"] = CosineAnnealing(optimizer, config.lr, config.cycle, config.min_lr,
+                                              config.restart_optimizer)
     else:
         callbacks["reduce_lr"] = ReduceLROnPlateau(optimizer, monitor=config.monitor, factor=config.lr_factor,
                                                    patience=config.lr_patience, min_lr=config.min_lr,
