@@ -337,7 +337,7 @@ BN_RUN = {"block": "residual", "flip_mode": "random", "loss": "bce", "loss2": "l
           "monitor": "val_score", "threads": 2}
 
 
-def test_a_residual_run_with_two_losses_resumes_bit_identically(tiny_data, tmp_path, monkeypatch):
+def test_a_residual_run_with_two_losses_resumes_bit_identically(tiny_data, tmp_path, monkeypatch, capsys):
     calls = []
     for name in ("bce", "lovasz"):  # count which loss every training and validation batch used
         real = LOSSES[name]
@@ -356,6 +356,8 @@ def test_a_residual_run_with_two_losses_resumes_bit_identically(tiny_data, tmp_p
     scores = [float(row["val_score"]) for row in read_history(straight)]
     assert best.meta["epoch"] == 1 + scores.index(max(scores))  # monitor=val_score: the highest, first on ties
     assert best.meta["callbacks"]["model_checkpoint"]["best"] == pytest.approx(max(scores))
+    # the closing line names the value that chose the best epoch
+    assert f"best epoch {best.meta['epoch']} (val_score {max(scores):.4f})" in capsys.readouterr().out
 
     half = train(tiny(tiny_data, tmp_path / "half", epochs=2, **BN_RUN))
     train(build_config({"resume": str(half), "epochs": 3}))

@@ -478,11 +478,11 @@ def _train_in(config: TrainConfig, run: Path, resume_from, created: bool, wall_s
         again = (f" The run folder {run} is removed: start again" if created and last_saved == 0
                  else f" Continue with: python train.py --resume {run}")
         raise TrainingInterrupted(f"{how}; " + _saved_note(run, last_saved, history) + again) from None
-    best_epoch, val_loss, threshold, score, collapse = summary
+    best_epoch, monitored, threshold, score, collapse = summary
     sizes = prep.val_sizes if isinstance(prep.val_sizes, list) else [prep.val_sizes]
     score_name = "competition score" if tgs_like(sizes, prep.channels) else "score (competition metric)"
     minutes, seconds = divmod(time.perf_counter() - wall_start, 60)
-    say(f"done in {int(minutes)}m{seconds:04.1f}s: best epoch {best_epoch} (val_loss {val_loss:.4f}), "
+    say(f"done in {int(minutes)}m{seconds:04.1f}s: best epoch {best_epoch} ({config.monitor} {monitored:.4f}), "
          f"best threshold {threshold:.3f}, validation {score_name} {score:.4f}")
     say(f"run folder: {run}  (best.npz for predict.py, history.csv, plots)")
     if collapse is not None:
@@ -529,7 +529,8 @@ def finish(model, prep: Prepared, config: TrainConfig, run: Path, history: list[
     records what predict.py then applies: ``best_threshold``, ``min_area`` (0: no rule) and ``tta``.
     A cosine run with two or more snapshots also gets ``ensemble.npz``: every snapshot, their mean
     probability tuned the same way (:mod:`tinyunet.ensemble`).
-    Returns ``(best epoch, its val_loss, best threshold, validation score at it, the collapse warning or None)``.
+    Returns ``(best epoch, its value of config.monitor (what chose it), best threshold, validation score at
+    it, the collapse warning or None)``.
     """
     def predict_val(ckpt):  # (M, H, W) on the validation truth's canvas
         model.load_params(ckpt.params, ckpt.buffers)
@@ -555,14 +556,14 @@ def finish(model, prep: Prepared, config: TrainConfig, run: Path, history: list[
                 threshold_sweep={"thresholds": [float(t) for t in thresholds], "scores": [float(s) for s in scores]})
     save_checkpoint(run / "best.npz", best.params, meta, best.optimizer_state, best.buffers)
     best_epoch = int(meta["epoch"])
-    val_loss = next((row["val_loss"] for row in history if row["epoch"] == best_epoch), float("nan"))
+    monitored = next((row[config.monitor] for row in history if row["epoch"] == best_epoch), float("nan"))
 
     pixels = (sum(h * w for h, w in prep.val_sizes) if isinstance(prep.val_sizes, list)
               else int(prep.val_truth.size))  # the canvas's background is no image's
     collapse = collapse_note(int(drop_small(probs > probs.dtype.type(threshold), min_area).sum()),
                              int(prep.val_truth.sum()), pixels, len(prep.val_idx))
     if not config.plots:
-        return best_epoch, val_loss, threshold, score, collapse
+        return best_epoch, monitored, threshold, score, collapse
     from tinyunet import plots  # matplotlib: only now
 
     images = as_numpy(canvas(prep.val_images))
@@ -574,7 +575,7 @@ def finish(model, prep: Prepared, config: TrainConfig, run: Path, history: list[
                           run / "val_predictions.png",
                           truths=as_numpy(prep.val_truth), ids=ids)
     plots.coverage_histogram(prep.coverage[prep.train_idx], prep.coverage[prep.val_idx], run / "coverage.png")
-    return best_epoch, val_loss, threshold, score, collapse
+    return best_epoch, monitored, threshold, score, collapse
 
 
 def collapse_note(predicted: int, true: int, pixels: int, n_images: int) -> str | None:
