@@ -34,6 +34,12 @@ class HasLearningRate(Protocol):
     lr: float
 
 
+class Restartable(HasLearningRate, Protocol):
+    """A learning rate and a ``reset()`` that forgets the optimizer's state (Adam's moments and step count)."""
+
+    def reset(self) -> None: ...
+
+
 def _check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
@@ -255,7 +261,7 @@ class CosineAnnealing:
     functions of the epoch alone, so the state to resume is empty.
     """
 
-    def __init__(self, optimizer: HasLearningRate, max_lr: float, cycle: int, min_lr: float = 1e-5,
+    def __init__(self, optimizer: Restartable, max_lr: float, cycle: int, min_lr: float = 1e-5,
                  restart_optimizer: bool = False):
         if cycle < 1:
             raise ValueError(f"cycle must be at least 1 epoch, got {cycle}")
