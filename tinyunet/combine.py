@@ -68,13 +68,42 @@ def _check_shared(members: list) -> None:
                                   "and fit")
 
 
+def _mean_of(member_probs: list, chosen: list[int]):
+    """The mean probability of the chosen members, leaving every member's map as it was."""
+    return mean_probability([member_probs[chosen[0]].copy(), *(member_probs[k] for k in chosen[1:])])
+
+
+def select_members(truth, member_probs: list, config: TrainConfig, most: int, say=print) -> list[int]:
+    """Greedy forward selection of ensemble members (Caruana et al. 2004, without replacement): the best
+    member alone first, then, one at a time, the member whose addition gives the mean probability the
+    highest validation score (threshold and minimum area tuned each time, as for the ensemble); it stops
+    at ``most`` members or when no addition raises the score. Returns the chosen indices, ascending."""
+    def score(chosen):
+        return tune_postprocessing(truth, _mean_of(member_probs, chosen), config)[2]
+
+    chosen, best = [], -1.0
+    while len(chosen) < most:
+        rest = [k for k in range(len(member_probs)) if k not in chosen]
+        top, k = max(((score(chosen + [k]), k) for k in rest), key=lambda pair: pair[0])  # first of equals
+        if top <= best:
+            say(f"no other member raises the validation score above {best:.4f}: {len(chosen)} chosen")
+            break
+        chosen, best = chosen + [k], top
+        say(f"chose member {k + 1} ({len(chosen)} of at most {most}): validation score {top:.4f}")
+    return sorted(chosen)
+
+
 def combine(paths: list[str], out: str, tta: bool | None = None, empty_rule: bool | None = None,
-            threads: int | None = None, data: str | None = None, say=print) -> tuple[Path, float]:
+            threads: int | None = None, data: str | None = None, max_members: int | None = None,
+            say=print) -> tuple[Path, float]:
     """Write the ensemble of every model in ``paths`` to ``out``, tuned on their validation split;
     return its path and validation score. ``tta`` and ``empty_rule`` default to the first member's
-    training settings; ``data`` replaces the data folder they record (moved data)."""
+    training settings; ``data`` replaces the data folder they record (moved data); ``max_members``
+    keeps at most that many, chosen by :func:`select_members` on the same validation images."""
     if len(paths) < 1:
         raise ConfigError("give at least one model to combine")
+    if max_members is not None and max_members < 1:
+        raise ConfigError(f"--max-members {max_members}: give a whole number >= 1")
     if Path(out).resolve() in {Path(p).resolve() for p in paths}:
         raise ConfigError(f"--out {out} is one of the models being combined: choose another file")
     members = _members(paths)
@@ -103,14 +132,19 @@ def combine(paths: list[str], out: str, tta: bool | None = None, empty_rule: boo
         member_probs.append(probs)
         say(f"member {len(member_probs)}: {ckpt.path} (epoch {ckpt.meta.get('epoch', '?')}): validation score "
             f"{score:.4f} at threshold {threshold:.3f}, min area {min_area}")
-    min_area, threshold, score, _, _ = tune_postprocessing(truth, mean_probability(member_probs), config)
+    chosen = list(range(len(members)))
+    if max_members is not None and max_members < len(members):
+        chosen = select_members(truth, member_probs, config, max_members, say)
+    min_area, threshold, score, _, _ = tune_postprocessing(truth, _mean_of(member_probs, chosen), config)
     as_float32 = [replace(ckpt, params={k: a.astype(np.float32) for k, a in ckpt.params.items()},
                           buffers={k: a.astype(np.float32) for k, a in ckpt.buffers.items()})
-                  for ckpt in checkpoints]  # one dtype for the file, whatever each member was stored as
+                  for ckpt in (checkpoints[k] for k in chosen)]  # one dtype for the file, whatever each was
     path = save_ensemble(out, as_float32, {**first.meta, "best_threshold": threshold, "val_score": score,
                                            "min_area": min_area, "tta": config.tta,
-                                           "combined_from": [str(p) for p in paths]})
-    say(f"ensemble of {len(members)}: validation score {score:.4f} at threshold {threshold:.3f}, min area "
+                                           "combined_from": [str(p) for p in paths],
+                                           **({"chosen_members": [k + 1 for k in chosen]}
+                                              if len(chosen) < len(members) else {})})
+    say(f"ensemble of {len(chosen)}: validation score {score:.4f} at threshold {threshold:.3f}, min area "
         f"{min_area} ({len(split.val_idx)} validation images{', flip TTA' if config.tta else ''}); saved {path}")
     return path, score
 
@@ -127,9 +161,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="also tune a minimum predicted area (default: as the first model was trained)")
     parser.add_argument("--threads", type=int, help="CPU threads sharing every batch (default: every usable core)")
     parser.add_argument("--data", help="the models' data, where it lies now (default: the folder they record)")
+    parser.add_argument("--max-members", type=int, metavar="K",
+                        help="keep at most K members, chosen greedily by the validation score (default: all)")
     args = parser.parse_args(argv)
     try:
-        combine(args.models, args.out, args.tta, args.empty_rule, args.threads, args.data)
+        combine(args.models, args.out, args.tta, args.empty_rule, args.threads, args.data, args.max_members)
     except (CheckpointError, ConfigError, DataError, OSError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
