@@ -103,6 +103,7 @@ def test_greedy_selection_adds_a_member_only_when_it_raises_the_score(empty_rule
     alone = [tune_postprocessing(truth, m, config)[2] for m in maps]
     assert scores[0] == pytest.approx(max(alone[1:3]), abs=5e-5)  # printed to 4 places
     assert select_members(truth, maps, config, most=1, say=said.append) in ([1], [2])  # the best one alone
+    assert select_members(truth, maps[1:3], config, most=5, say=said.append) == [0, 1]  # more allowed than given
 
 
 def test_max_members_keeps_the_chosen_members_and_scores_them(runs, tiny_data, capsys):

@@ -82,7 +82,7 @@ def select_members(truth, member_probs: list, config: TrainConfig, most: int, sa
         return tune_postprocessing(truth, _mean_of(member_probs, chosen), config)[2]
 
     chosen, best = [], -1.0
-    while len(chosen) < most:
+    while len(chosen) < min(most, len(member_probs)):
         rest = [k for k in range(len(member_probs)) if k not in chosen]
         top, k = max(((score(chosen + [k]), k) for k in rest), key=lambda pair: pair[0])  # first of equals
         if top <= best:
