@@ -427,6 +427,27 @@ def test_cosine_restarts_save_snapshots_and_their_tuned_ensemble(tiny_data, tmp_
     np.testing.assert_allclose(sigmoid(ensemble.forward(x)), mean, rtol=1e-5, atol=1e-6)
 
 
+def test_ensemble_size_averages_only_the_last_snapshots(tiny_data, tmp_path, capsys):
+    from tinyunet.models import load_model
+
+    run = train(tiny(tiny_data, tmp_path / "last2", epochs=3, schedule="cosine", cycle=1, lr=1e-2, min_lr=1e-4,
+                     patience=10, ensemble_size=2))
+    assert sorted(p.name for p in run.glob("snapshot*.npz")) == ["snapshot01.npz", "snapshot02.npz",
+                                                                 "snapshot03.npz"]
+    assert "ensemble of 2 snapshots (snapshot02.npz, snapshot03.npz)" in capsys.readouterr().out
+    ensemble, ckpt = load_model(run / "ensemble.npz")
+    assert ckpt.meta["member_epochs"] == [2, 3]
+    x = np.random.default_rng(1).random((2, 32, 32, 1)).astype(np.float32)
+    mean = sum(load_model(run / name)[0].predict(x) for name in ("snapshot02.npz", "snapshot03.npz")) / 2
+    np.testing.assert_allclose(sigmoid(ensemble.forward(x)), mean, rtol=1e-5, atol=1e-6)
+    for bad, message in ((1, r"^--ensemble-size 1 is invalid: give 2 or more"),
+                         (-3, r"^--ensemble-size -3 is invalid")):
+        with pytest.raises(ConfigError, match=message):
+            validate(replace_tiny(tmp_path, schedule="cosine", ensemble_size=bad))
+    with pytest.raises(ConfigError, match=r"^--ensemble-size needs --schedule cosine"):
+        validate(replace_tiny(tmp_path, ensemble_size=2))
+
+
 def test_restart_optimizer_resets_adam_at_each_restart_and_resumes_bit_identically(tiny_data, tmp_path, capsys):
     cosine = {"epochs": 4, "schedule": "cosine", "cycle": 2, "lr": 1e-2, "min_lr": 1e-4, "patience": 10}
     plain = train(tiny(tiny_data, tmp_path / "plain", **cosine))

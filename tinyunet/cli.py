@@ -224,6 +224,9 @@ def parse_train_args(argv: list[str] | None = None) -> tuple[dict, bool]:
                         f"end and, with two or more, ensemble.npz (give --patience of a cycle or more) "
                         f"{_default('schedule')}")
     parser.add_argument("--cycle", type=int, help=f"epochs per cosine cycle {_default('cycle')}")
+    parser.add_argument("--ensemble-size", type=int, metavar="K", help="with --schedule cosine: ensemble.npz "
+                        "averages the last K snapshots, e.g. to keep the file small and the early, weaker ones "
+                        f"out; 0: all of them {_default('ensemble_size')}")
     parser.add_argument("--restart-optimizer", action=argparse.BooleanOptionalAction, help="with --schedule "
                         "cosine: at every restart Adam also starts afresh (moments and step count zeroed), as a "
                         "new --init run from the last snapshot would (default: off)")

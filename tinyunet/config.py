@@ -69,6 +69,7 @@ class TrainConfig:
     cycle: int = 10  # epochs per cosine cycle; the end of each saves snapshot<k>.npz, an ensemble member
     restart_optimizer: bool = False  # with schedule="cosine": Adam's moments and step count start afresh at
     #                                  every restart, as in a new fine-tuning run from the last snapshot
+    ensemble_size: int = 0  # with schedule="cosine": ensemble.npz averages the last this many snapshots; 0: all
     flip: bool = True  # left-right mirrors of the training images, as flip_mode says
     flip_mode: str = "double"  # "double": every mirror appended (the seed); "random": each image mirrored
     #                            with probability 1/2 in every epoch's batches (half the epoch's cost)
@@ -292,6 +293,11 @@ def validate(config: TrainConfig) -> None:
                           "network input is the image's, there is no padded border to leave out")
     need(config.schedule in SCHEDULES, "schedule", f"choose one of {', '.join(SCHEDULES)}")
     need(_is_int(config.cycle) and config.cycle >= 1, "cycle", "it must be a whole number >= 1")
+    need(_is_int(config.ensemble_size) and (config.ensemble_size == 0 or config.ensemble_size >= 2), "ensemble_size",
+         "give 2 or more (the last that many snapshots) or 0 (all of them)")
+    if config.ensemble_size and config.schedule != "cosine":
+        raise ConfigError(f"--ensemble-size needs --schedule cosine: with --schedule {config.schedule} there are "
+                          "no snapshots to average")
     if config.restart_optimizer and config.schedule != "cosine":
         raise ConfigError(f"--restart-optimizer needs --schedule cosine: with --schedule {config.schedule} there "
                           "are no restarts to reset Adam at")

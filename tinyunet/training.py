@@ -527,8 +527,9 @@ def finish(model, prep: Prepared, config: TrainConfig, run: Path, history: list[
     With ``config.tta`` the probabilities average each image and its mirror; with ``config.empty_rule``
     the sweep also tries every minimum area of :data:`MIN_AREAS` and keeps the best pair. best.npz
     records what predict.py then applies: ``best_threshold``, ``min_area`` (0: no rule) and ``tta``.
-    A cosine run with two or more snapshots also gets ``ensemble.npz``: every snapshot, their mean
-    probability tuned the same way (:mod:`tinyunet.ensemble`).
+    A cosine run with two or more snapshots also gets ``ensemble.npz``: every snapshot (the last
+    ``config.ensemble_size`` where that is set), their mean probability tuned the same way
+    (:mod:`tinyunet.ensemble`).
     Returns ``(best epoch, its value of config.monitor (what chose it), best threshold, validation score at
     it, the collapse warning or None)``.
     """
@@ -539,6 +540,7 @@ def finish(model, prep: Prepared, config: TrainConfig, run: Path, history: list[
 
     cycles = len(history) // config.cycle if config.schedule == "cosine" else 0
     snapshots = [run / snapshot_name(k) for k in range(1, cycles + 1) if (run / snapshot_name(k)).is_file()]
+    snapshots = snapshots[-config.ensemble_size:] if config.ensemble_size else snapshots
     if len(snapshots) >= 2:
         members = [load_checkpoint(path) for path in snapshots]
         mean = mean_probability(predict_val(member) for member in members)
