@@ -295,12 +295,11 @@ def validate(config: TrainConfig) -> None:
     need(_is_int(config.cycle) and config.cycle >= 1, "cycle", "it must be a whole number >= 1")
     need(_is_int(config.ensemble_size) and (config.ensemble_size == 0 or config.ensemble_size >= 2), "ensemble_size",
          "give 2 or more (the last that many snapshots) or 0 (all of them)")
-    if config.ensemble_size and config.schedule != "cosine":
-        raise ConfigError(f"--ensemble-size needs --schedule cosine: with --schedule {config.schedule} there are "
-                          "no snapshots to average")
-    if config.restart_optimizer and config.schedule != "cosine":
-        raise ConfigError(f"--restart-optimizer needs --schedule cosine: with --schedule {config.schedule} there "
-                          "are no restarts to reset Adam at")
+    for name, what in (("ensemble_size", "no snapshots to average"),
+                       ("restart_optimizer", "no restarts to reset Adam at")):
+        if getattr(config, name) and config.schedule != "cosine":  # settings of the cosine schedule only
+            raise ConfigError(f"{flag(name)} needs --schedule cosine: with --schedule {config.schedule} there are "
+                              f"{what}")
     need(_is_int(config.folds) and 1 <= config.folds <= 20, "folds", "it must be a whole number from 1 (no "
          "cross-validation) to 20")
     need(config.fold is None or (_is_int(config.fold) and 0 <= config.fold < config.folds), "fold",
