@@ -1,10 +1,13 @@
 """Where a training step's time goes: every layer's forward and backward, beside PyTorch's convs.
 
-    python -m benchmarks.bench_layers [--batch-size 8] [--size 128] [--repeats 5]
+    python -m benchmarks.bench_layers [--features 8] [--block double|double_bn|residual] [--size 128]
+                                      [--batch-size 8] [--repeats 5] [--threads N] [--dropout R,R,R,R]
 
-Each layer instance of the features=8 U-Net is timed inside real training steps (median over the
-steps), then grouped by kind. When PyTorch is importable, each convolution shape is also timed in
-PyTorch (channels-last, forward + backward of that conv alone) and the ratio is printed last.
+Each layer instance of the U-Net is timed inside real training steps run as train.py runs them (the batch
+shared by ``--threads`` threads, BLAS on one thread per shard); the times are shard 0's, i.e. one core's
+while the other cores do the same work on their shards (medians over the steps), then grouped by kind. When
+PyTorch is importable, each convolution shape of that shard is also timed in PyTorch (channels-last,
+forward + backward of that conv alone, on as many threads as the shards) and the ratio is printed last.
 """
 
 from __future__ import annotations
@@ -16,33 +19,18 @@ from collections import defaultdict
 
 import numpy as np
 
-from benchmarks.common import machine, torch_or_none
+from benchmarks.common import add_network_flags, add_threads_flag, machine, torch_or_none
 from tinyunet.layers import Conv2D
 from tinyunet.losses import binary_crossentropy
 from tinyunet.optim import Adam
+from tinyunet.parallel import DataParallel
 from tinyunet.unet import UNet
 
 
-def layers_by_name(model: UNet) -> dict:
-    """Every layer instance of the model under a readable name, in forward order."""
-    named = {}
-    blocks = [(f"enc{i}", b) for i, b in enumerate(model.encoders, 1)] + [("bridge", model.bridge)]
-    blocks += [(f"dec{len(model.decoders) - i}", b) for i, b in enumerate(model.decoders)]
-    for name, block in blocks:
-        convs = getattr(block, "convs", block)
-        for attr in ("up", "concat", "dropout", "pool"):
-            if hasattr(block, attr):
-                named[f"{name}.{attr}"] = getattr(block, attr)
-        for attr in ("conv1", "relu1", "conv2", "relu2"):
-            named[f"{name}.{attr}"] = getattr(convs, attr)
-    named["head"] = model.head
-    return named
-
-
-def time_layers(model: UNet, steps: int, x, y) -> dict[str, dict[str, float]]:
-    """Median forward and backward milliseconds of every layer over ``steps`` training steps."""
+def time_layers(model: UNet, net: DataParallel, steps: int, x, y) -> dict[str, dict[str, float]]:
+    """Median forward and backward milliseconds of every layer of shard 0 over ``steps`` training steps."""
     times: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for name, layer in layers_by_name(model).items():
+    for name, layer in model.named_layers():
         for method in ("forward", "backward"):
             inner = getattr(layer, method)
 
@@ -55,14 +43,12 @@ def time_layers(model: UNet, steps: int, x, y) -> dict[str, dict[str, float]]:
             setattr(layer, method, timed)  # an instance attribute: the class stays untouched
     opt = Adam(model.params)
     for _ in range(steps + 1):
-        logits = model.forward(x, train=True)  # every layer times itself
         start = time.perf_counter()
+        logits = net.forward(x, train=True)  # every layer of shard 0 times itself
         loss, dlogits = binary_crossentropy(logits, y)
-        times["loss"]["forward"].append((time.perf_counter() - start) * 1e3)
-        model.backward(dlogits, input_grad=False)
-        start = time.perf_counter()
+        net.backward(dlogits, input_grad=False)
         opt.step(model.grads)
-        times["adam"]["step"].append((time.perf_counter() - start) * 1e3)
+        times["step"]["whole"].append((time.perf_counter() - start) * 1e3)
     return {name: {m: statistics.median(v[1:]) for m, v in by_method.items()}  # first step: warm-up
             for name, by_method in times.items()}
 
@@ -86,42 +72,53 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="images per step (default 8)")
     parser.add_argument("--size", type=int, default=128, help="image side (default 128)")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps; medians are shown")
+    parser.add_argument("--dropout", default=None,
+                        help="the levels' dropout rates, comma-separated (default: the seed's; --recipe best: 0,0,0,0)")
+    add_threads_flag(parser, "training")
+    add_network_flags(parser)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     x = rng.random((args.batch_size, args.size, args.size, 1), dtype=np.float32)
     y = (rng.random(x.shape) > 0.5).astype(np.float32)
-    model = UNet()
-    per_layer = time_layers(model, args.repeats, x, y)
+    dropout = None if args.dropout is None else [float(rate) for rate in args.dropout.split(",")]
+    model = UNet(features=args.features, depth=4, block=args.block, dropout=dropout)
+    net = DataParallel(model, args.threads)
+    per_layer = time_layers(model, net, args.repeats, x, y)
+    layers = dict(model.named_layers())
 
     print(f"machine: {machine()}")
-    print(f"batch {args.batch_size}, {args.size}x{args.size}, median of {args.repeats} steps (ms)")
-    print(f"{'layer':16s} {'forward':>8s} {'backward':>9s}")
+    print(f"U-Net features={args.features} depth=4 block={args.block}, batch {args.batch_size}, "
+          f"{args.size}x{args.size}, {len(net.splits)} shard(s) on as many threads; shard 0's layers, "
+          f"median of {args.repeats} steps (ms)")
+    print(f"{'layer':20s} {'forward':>8s} {'backward':>9s}")
     kinds: dict[str, float] = defaultdict(float)
-    for name, t in per_layer.items():
-        total = sum(t.values())
-        kind = name.split(".")[-1].rstrip("0123456789") if "." in name else name
-        kinds[kind] += total
-        print(f"{name:16s} {t.get('forward', t.get('step', 0)):8.2f} {t.get('backward', 0):9.2f}")
-    step = sum(kinds.values())
+    for name, layer in layers.items():
+        t = per_layer.get(name, {})
+        kinds[type(layer).__name__] += sum(t.values())
+        print(f"{name:20s} {t.get('forward', 0):8.2f} {t.get('backward', 0):9.2f}")
+    in_layers = sum(kinds.values())
+    step = per_layer["step"]["whole"]
     print("\nby kind: " + ", ".join(f"{k} {v:.1f} ms ({v / step:.0%})"
                                     for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
-    print(f"sum of layers + loss + Adam: {step:.1f} ms")
+    print(f"shard 0's layers: {in_layers:.1f} ms of the {step:.1f} ms step; the rest ({step - in_layers:.1f} ms): "
+          f"the blocks' own gradient sums (skips, shortcuts), loss, Adam, joining the shards")
 
     torch = torch_or_none()
     if torch is None:
         print("PyTorch not importable: no per-conv comparison")
         return
-    print("\nconvolutions, forward + backward (ms): tinyunet vs PyTorch channels-last, same shape")
+    print(f"\nconvolutions, forward + backward (ms): tinyunet's shard 0 on one core beside the other shards, "
+          f"PyTorch channels-last on the whole batch with {torch.get_num_threads()} threads, same shape")
     ours_total = theirs_total = 0.0
-    for name, layer in layers_by_name(model).items():
+    for name, layer in layers.items():
         if not isinstance(layer, Conv2D):
             continue
-        n, _, _, h, w = layer.grid
+        _, _, _, h, w = layer.grid
         kh, _, c, f = layer.params["W"].shape
         ours = sum(per_layer[name].values())
-        theirs = torch_conv_ms(torch, (n, h, w, c), f, kh, args.repeats)
+        theirs = torch_conv_ms(torch, (args.batch_size, h, w, c), f, kh, args.repeats)
         ours_total, theirs_total = ours_total + ours, theirs_total + theirs
-        print(f"{name:16s} {str((h, w, c, f)):20s} {ours:7.2f} {theirs:7.2f}  x{ours / theirs:.2f}")
+        print(f"{name:20s} {str((h, w, c, f)):20s} {ours:7.2f} {theirs:7.2f}  x{ours / theirs:.2f}")
     print(f"ratio tinyunet / PyTorch over all convs: {ours_total / theirs_total:.2f}")
 
 
