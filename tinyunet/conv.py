@@ -58,8 +58,8 @@ def tap_groups(n_taps: int, c: int, min_width: int = 8) -> list[range]:
     """Consecutive taps in groups wide enough for an efficient GEMM: ``g*C >= min_width`` inputs.
 
     With C >= 8 every tap is its own group (its rows are a view, nothing is copied); the first
-    layer's C = 1 puts all 9 taps of a 3x3 kernel in one (L, 9) matrix, since a GEMM with a single
-    input column runs far below speed.
+    layer's C = 1 puts 8 of the 3x3 kernel's 9 taps in one (L, 8) matrix and the ninth in a group of
+    its own, since a GEMM with a single input column runs far below speed.
     """
     g = max(1, -(-min_width // c))  # ceil(min_width / C)
     return [range(t, min(t + g, n_taps)) for t in range(0, n_taps, g)]
