@@ -28,7 +28,7 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from benchmarks.bench_train_step import tinyunet_step, torch_steps
-from benchmarks.common import add_network_flags, add_threads_flag, machine, median_ms, torch_or_none
+from benchmarks.common import add_network_flags, add_step_flags, add_threads_flag, machine, median_ms, torch_or_none
 from tinyunet.conv import gather_taps, tap_groups, tap_offsets
 from tinyunet.layers import Conv2D, Conv2DTranspose
 from tinyunet.parallel import DataParallel
@@ -88,9 +88,7 @@ def shard_products(replica: UNet, rng) -> dict[str, list]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--batch-size", type=int, default=8, help="images per step (default 8)")
-    parser.add_argument("--size", type=int, default=128, help="image height and width (default 128)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs; medians are shown")
+    add_step_flags(parser, repeats=5)
     add_threads_flag(parser, "training")
     add_network_flags(parser)
     args = parser.parse_args()

@@ -19,7 +19,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from benchmarks.common import add_network_flags, add_threads_flag, machine, torch_or_none
+from benchmarks.common import add_network_flags, add_step_flags, add_threads_flag, machine, torch_or_none
 from tinyunet.layers import Conv2D
 from tinyunet.losses import binary_crossentropy
 from tinyunet.optim import Adam
@@ -69,9 +69,7 @@ def torch_conv_ms(torch, shape: tuple[int, ...], c_out: int, k: int, repeats: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--batch-size", type=int, default=8, help="images per step (default 8)")
-    parser.add_argument("--size", type=int, default=128, help="image side (default 128)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps; medians are shown")
+    add_step_flags(parser, repeats=5)
     parser.add_argument("--dropout", default=None,
                         help="the levels' dropout rates, comma-separated (default: the seed's; --recipe best: 0,0,0,0)")
     add_threads_flag(parser, "training")

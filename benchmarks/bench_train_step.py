@@ -14,7 +14,8 @@ import argparse
 
 import numpy as np
 
-from benchmarks.common import add_network_flags, add_threads_flag, machine, median_ms, torch_or_none, torch_unet
+from benchmarks.common import (add_network_flags, add_step_flags, add_threads_flag, machine, median_ms, torch_or_none,
+                               torch_unet)
 from tinyunet.backend import as_array
 from tinyunet.losses import binary_crossentropy
 from tinyunet.optim import Adam
@@ -81,9 +82,7 @@ def torch_steps(torch, batch_size: int, size: int, repeats: int, device: str, fe
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--batch-size", type=int, default=8, help="images per step (default 8)")
-    parser.add_argument("--size", type=int, default=128, help="image height and width (default 128)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed steps; the median is shown")
+    add_step_flags(parser, repeats=10)
     parser.add_argument("--gpu", action="store_true", help="run on CuPy and PyTorch CUDA")
     add_threads_flag(parser, "training")
     add_network_flags(parser)

@@ -31,6 +31,14 @@ def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2,
     return statistics.median(times), times
 
 
+def add_step_flags(parser, repeats: int) -> None:
+    """``--batch-size``, ``--size`` and ``--repeats`` of the benchmarks that time a training step."""
+    parser.add_argument("--batch-size", type=int, default=8, help="images per step (default 8)")
+    parser.add_argument("--size", type=int, default=128, help="image height and width (default 128)")
+    parser.add_argument("--repeats", type=int, default=repeats,
+                        help=f"timed steps; medians are shown (default {repeats})")
+
+
 def add_threads_flag(parser, used_by: str) -> None:
     """``--threads N``: threads sharing each batch, by default every usable core, as ``used_by`` runs."""
     parser.add_argument("--threads", type=int, default=usable_cores(),
