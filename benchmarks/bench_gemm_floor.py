@@ -12,8 +12,8 @@ cached inputs after a real forward:
 
     conv, each tap group:  cols @ W_group               (forward)
                            d_rows[:L] @ W_t^T            (input gradient; none where the input is the image)
-                           cols^T @ d_rows[:L]           (weight gradient), and ones(R) @ d_rows (bias)
-    up-conv:               x2d @ W_rows, x2d^T @ drows, drows @ W_rows^T
+                           cols^T @ d_rows[:L]           (weight gradient), and ones(R) @ d_rows (bias, if any)
+    up-conv:               x2d @ W_rows, x2d^T @ drows, drows @ W_rows^T, and ones @ drows (bias)
 
 It prints the products' time, by pass and in all, beside the whole step (``bench_train_step``'s) and, when
 PyTorch is importable, PyTorch's step (NCHW and channels-last) in the same process.
@@ -29,7 +29,7 @@ from threadpoolctl import ThreadpoolController
 
 from benchmarks.bench_train_step import tinyunet_step, torch_steps
 from benchmarks.common import add_network_flags, add_step_flags, add_threads_flag, machine, median_ms, torch_or_none
-from tinyunet.conv import gather_taps, tap_groups, tap_offsets
+from tinyunet.conv import column_sums, gather_taps, tap_groups, tap_offsets
 from tinyunet.layers import Conv2D, Conv2DTranspose
 from tinyunet.parallel import DataParallel
 from tinyunet.unet import UNet
@@ -39,7 +39,7 @@ PASSES = ("forward", "input gradient", "weight gradient")
 
 def conv_products(conv: Conv2D, rng) -> dict[str, list]:
     """The products of one Conv2D's forward and backward, as closures over its cached input."""
-    n, hp, wp, _, _ = conv.grid
+    wp = conv.grid[2]
     W = conv.params["W"]  # (KH, KW, C, F)
     c, f = W.shape[2], W.shape[3]
     x_rows = conv.x_rows  # (R, C)
@@ -51,14 +51,15 @@ def conv_products(conv: Conv2D, rng) -> dict[str, list]:
     cols = [gather_taps(x_rows, offsets[g.start:g.stop], length) for g in groups]  # built once, untimed
     out = np.empty((length, f), np.float32)
     dx = np.empty((length, c), np.float32)
-    ones = np.ones(len(x_rows), np.float32)
     products = {
         "forward": [lambda a=a, g=g: np.matmul(a, W_rows[g.start * c:g.stop * c], out=out)
                     for a, g in zip(cols, groups)],
         "input gradient": [] if c == 1 else [  # the first layer's input is the image: no gradient
             lambda t=t: np.matmul(d_rows[:length], W_rows[t * c:(t + 1) * c].T, out=dx) for t in range(len(offsets))],
-        "weight gradient": [lambda a=a: a.T @ d_rows[:length] for a in cols] + [lambda: ones @ d_rows],
+        "weight gradient": [lambda a=a: a.T @ d_rows[:length] for a in cols],
     }
+    if "b" in conv.params:  # no bias where a BatchNorm follows, so no bias gradient either
+        products["weight gradient"].append(lambda: column_sums(d_rows))
     return products
 
 
@@ -68,7 +69,7 @@ def upconv_products(up: Conv2DTranspose, rng) -> dict[str, list]:
     W_rows = up._w_rows()  # (C, KH*KW*F)
     drows = rng.standard_normal((len(x2d), W_rows.shape[1]), dtype=np.float32)  # (N*H*W, KH*KW*F)
     return {"forward": [lambda: x2d @ W_rows], "input gradient": [lambda: drows @ W_rows.T],
-            "weight gradient": [lambda: x2d.T @ drows]}
+            "weight gradient": [lambda: x2d.T @ drows, lambda: column_sums(drows)]}
 
 
 def shard_products(replica: UNet, rng) -> dict[str, list]:
