@@ -505,7 +505,8 @@ def test_recipe_finetune_continues_a_model_with_the_measured_second_stage(tiny_d
     config = build_config({"preset": "finetune", "data": str(tiny_data), "init": str(first / "best.npz"),
                            "epochs": 8})
     assert (config.features, config.block, config.fit, config.dropout) == (3, "residual", "pad", (0.1, 0.2))
-    assert (config.loss, config.loss2, config.schedule, config.cycle, config.lr) == ("lovasz", None, "cosine", 4, 2e-4)
+    assert (config.loss, config.loss2, config.schedule, config.cycle, config.lr) == ("lovasz", None, "cosine", 12, 2e-4)
+    assert (config.ensemble_size, config.patience) == (4, 60)  # the last 4 of 5 snapshots; no early stop
     assert config.augment and config.tta and config.empty_rule and config.monitor == "val_score"
     assert config.epochs == 8  # flags still override it
 
