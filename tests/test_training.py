@@ -509,6 +509,14 @@ def test_recipe_finetune_continues_a_model_with_the_measured_second_stage(tiny_d
     assert (config.ensemble_size, config.patience) == (4, 60)  # the last 4 of 5 snapshots; no early stop
     assert config.augment and config.tta and config.empty_rule and config.monitor == "val_score"
     assert config.epochs == 8  # flags still override it
+    # another schedule takes the preset's cosine-only settings with it, unless they are given too
+    plateau = build_config({"preset": "finetune", "data": str(tiny_data), "init": str(first / "best.npz"),
+                            "schedule": "plateau"})
+    validate(plateau)
+    assert (plateau.schedule, plateau.ensemble_size, plateau.loss, plateau.lr) == ("plateau", 0, "lovasz", 2e-4)
+    with pytest.raises(ConfigError, match=r"^--ensemble-size needs --schedule cosine"):
+        validate(build_config({"preset": "finetune", "data": str(tiny_data), "init": str(first / "best.npz"),
+                               "schedule": "plateau", "ensemble_size": 3}))
 
 
 # The SHA-256 of last.npz's parameters (name, then bytes, in order) after the run below, computed with the

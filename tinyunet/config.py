@@ -135,6 +135,8 @@ FLIP_MODES = ("double", "random")
 LOSS_REGIONS = ("all", "central")
 SCHEDULES = ("plateau", "cosine")
 MONITORS = {"val_loss": "min", "val_score": "max"}  # a monitored value and the direction it improves in
+COSINE_ONLY = {"ensemble_size": "no snapshots to average",  # settings of the cosine schedule only, and what
+               "restart_optimizer": "no restarts to reset Adam at"}  # another schedule would lack for them
 
 
 class ConfigError(ValueError):
@@ -182,7 +184,10 @@ def build_config(given: Mapping[str, Any] | None = None) -> TrainConfig:
         raise ConfigError("--recipe finetune continues a trained model: give --init with its best.npz, e.g. "
                           "--init runs/A/best.npz after python train.py --recipe best --out runs/A")
     if given.get("preset") in NAMED:  # the named recipe, on whatever data
-        return replace(TrainConfig(), **{**NAMED[given["preset"]], **given})
+        preset = NAMED[given["preset"]]
+        if given.get("schedule", preset.get("schedule")) != "cosine":  # its cosine-only settings go with its schedule
+            preset = {key: value for key, value in preset.items() if key not in COSINE_ONLY}
+        return replace(TrainConfig(), **{**preset, **given})
     if given.get("data") is None:
         real = found_data()
         if real is not None:
@@ -297,9 +302,8 @@ def validate(config: TrainConfig) -> None:
     need(_is_int(config.cycle) and config.cycle >= 1, "cycle", "it must be a whole number >= 1")
     need(_is_int(config.ensemble_size) and (config.ensemble_size == 0 or config.ensemble_size >= 2), "ensemble_size",
          "give 2 or more (the last that many snapshots) or 0 (all of them)")
-    for name, what in (("ensemble_size", "no snapshots to average"),
-                       ("restart_optimizer", "no restarts to reset Adam at")):
-        if getattr(config, name) and config.schedule != "cosine":  # settings of the cosine schedule only
+    for name, what in COSINE_ONLY.items():
+        if getattr(config, name) and config.schedule != "cosine":
             raise ConfigError(f"{flag(name)} needs --schedule cosine: with --schedule {config.schedule} there are "
                               f"{what}")
     need(_is_int(config.folds) and 1 <= config.folds <= 20, "folds", "it must be a whole number from 1 (no "
